@@ -1,0 +1,328 @@
+"""Safetensors checkpoints: a lazy, validating reader and a deterministic, atomic writer.
+
+Why our own header handling rather than ``safetensors.torch.load_file``/``save_file``:
+
+* the reader validates the header itself, so a truncated or corrupt file gets one clear message
+  naming the file and what is wrong, before any tensor is touched;
+* tensors are views into a copy-on-write memory map: nothing is read until it is used, and
+  nothing we do can ever write to the input file;
+* ``save_file`` writes the metadata map in a different key order in each process (GUIDE 5), so
+  "same seed, same bytes" needs a header we write ourselves, with sorted keys; writing it
+  ourselves also lets us stream tensor bytes one at a time instead of building the whole file in
+  memory.
+
+The files we write are ordinary safetensors files: the test-suite reads every one of them back
+with the safetensors library.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import stat
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import torch
+
+from .errors import N2NError
+
+# safetensors dtype code <-> torch dtype
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+STDIN = "-"
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    try:
+        return CODES[dtype]
+    except KeyError:
+        raise N2NError(f"dtype {dtype} cannot be stored in a safetensors checkpoint by this tool") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a checkpoint file, from its header."""
+
+    dtype: torch.dtype
+    shape: tuple
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class Checkpoint:
+    """A safetensors file opened for reading. Tensors are loaded lazily, on :meth:`get`.
+
+    Example:
+        >>> ckpt = open_checkpoint("recipes/mlp.safetensors")
+        >>> ckpt.shape("fc1.weight")
+        (32, 16)
+    """
+
+    def __init__(self, source: str, buffer, infos: dict, metadata: dict):
+        self.source = source  # the file name, or "<stdin>"
+        self._buffer = buffer  # mmap (copy-on-write) or bytearray
+        self.infos: dict[str, TensorInfo] = infos  # in file order
+        self.metadata: dict[str, str] = metadata
+
+    def keys(self) -> list:
+        return list(self.infos)
+
+    def __contains__(self, key) -> bool:
+        return key in self.infos
+
+    def shape(self, key: str) -> tuple:
+        return self.infos[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.infos[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor stored under `key`, as a view of the file's memory map (no copy)."""
+        info = self.infos[key]
+        count = math.prod(info.shape)
+        if count == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        itemsize = torch.empty((), dtype=info.dtype).element_size()
+        if info.start % itemsize:  # unaligned: frombuffer needs alignment, so copy this one
+            data = bytearray(self._buffer[info.start : info.end])
+            return torch.frombuffer(data, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(self._buffer, dtype=info.dtype, count=count, offset=info.start).reshape(info.shape)
+
+    def raw(self, key: str) -> memoryview:
+        """The stored bytes of `key`, without going through a tensor."""
+        info = self.infos[key]
+        return memoryview(self._buffer)[info.start : info.end]
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Open a safetensors checkpoint for lazy reading; ``-`` reads standard input.
+
+    Raises:
+        N2NError: the file is missing, unreadable, truncated or not a safetensors file.
+    """
+    if path == STDIN:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise N2NError("standard input is a terminal: pipe a checkpoint into '-' or give a file path")
+        data = bytearray(sys.stdin.buffer.read())
+        if not data:
+            raise N2NError("standard input is empty: the command before '|' wrote no checkpoint (did it fail?)")
+        return _parse(data, "<stdin>", len(data))
+
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise N2NError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise N2NError(f"{path}: is a folder, not a safetensors file") from None
+    except OSError as e:
+        raise N2NError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+            # Copy-on-write: pages load on demand and nothing can reach the file on disk.
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            size = st.st_size
+        else:  # a pipe or process substitution: read it all
+            buffer = bytearray(f.read())
+            size = len(buffer)
+    return _parse(buffer, path, size)
+
+
+def _parse(buffer, source: str, size: int) -> Checkpoint:
+    def bad(msg):
+        raise N2NError(f"{source}: {msg}")
+
+    if size < 8:
+        bad(f"not a safetensors file (only {size} bytes; truncated or empty)")
+    (hlen,) = struct.unpack("<Q", bytes(buffer[:8]))
+    if hlen > MAX_HEADER:
+        bad(f"not a safetensors file (header length {hlen} is implausible)")
+    if 8 + hlen > size:
+        bad(f"truncated: the header says {hlen} bytes but the file has only {size - 8} after the length")
+    try:
+        header = json.loads(bytes(buffer[8 : 8 + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        bad("not a safetensors file (the header is not JSON)")
+    if not isinstance(header, dict):
+        bad("not a safetensors file (the header is not a JSON object)")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        bad("corrupt header: __metadata__ must map strings to strings")
+
+    data_start = 8 + hlen
+    data_len = size - data_start
+    infos = {}
+    spans = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
+            bad(f"corrupt header entry for tensor {key!r}")
+        code = entry.get("dtype")
+        if code not in DTYPES:
+            bad(f"tensor {key!r} has dtype {code!r}, which this tool does not support")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            bad(f"tensor {key!r} has an invalid shape {shape!r}")
+        offs = entry.get("data_offsets")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+            or not 0 <= offs[0] <= offs[1]
+        ):
+            bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
+        dtype = DTYPES[code]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if math.prod(shape) * itemsize != offs[1] - offs[0]:
+            bad(f"tensor {key!r}: shape {shape} of {code} needs {math.prod(shape) * itemsize} bytes but data_offsets span {offs[1] - offs[0]}")
+        if offs[1] > data_len:
+            bad(f"truncated: tensor {key!r} ends at byte {offs[1]} of the data but the file holds only {data_len}")
+        infos[key] = TensorInfo(dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
+        spans.append((offs[0], offs[1], key))
+
+    spans.sort()
+    pos = 0
+    for b, e, key in spans:
+        if b != pos:
+            bad(f"corrupt header: tensor {key!r} starts at byte {b} of the data, expected {pos} (overlap or gap)")
+        pos = e
+    if pos != data_len:
+        bad(f"corrupt: {data_len - pos} bytes after the last tensor")
+    return Checkpoint(source, buffer, infos, dict(metadata))
+
+
+# ----------------------------------------------------------------------------------- writing
+
+# What the writer accepts for one tensor: a tensor, or a lazy source (dtype, shape, fetch) whose
+# fetch returns a tensor or the raw bytes, called once, when that tensor's bytes are written.
+TensorSource = Union[torch.Tensor, "LazyTensor"]
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    dtype: torch.dtype
+    shape: tuple
+    fetch: Callable[[], Union[torch.Tensor, memoryview, bytes]]
+
+
+def _meta(src) -> tuple:
+    if isinstance(src, torch.Tensor):
+        return src.dtype, tuple(src.shape)
+    return src.dtype, tuple(src.shape)
+
+
+def _bytes_of(src) -> Union[memoryview, bytes]:
+    value = src if isinstance(src, torch.Tensor) else src.fetch()
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        if t.numel() == 0:
+            return b""
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return value
+
+
+def build_header(tensors: Mapping[str, TensorSource], metadata: Mapping[str, str]) -> tuple:
+    """The header bytes and the order tensors are written in.
+
+    Order: larger element sizes first, then by name (as the safetensors library does), so every
+    tensor starts at an offset aligned to its element size. JSON keys are sorted, so the same
+    tensors and metadata always give the same bytes.
+    """
+
+    def sort_key(k):
+        dtype, _ = _meta(tensors[k])
+        return (-torch.empty((), dtype=dtype).element_size(), k)
+
+    order = sorted(tensors, key=sort_key)
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    pos = 0
+    for k in order:
+        dtype, shape = _meta(tensors[k])
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[k] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
+def _stream(out, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str]) -> None:
+    head, order = build_header(tensors, metadata)
+    out.write(head)
+    for k in order:
+        data = _bytes_of(tensors[k])
+        dtype, shape = _meta(tensors[k])
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if len(data) != expected:  # a lazy source lied about its shape: a bug, never a bad file
+            raise RuntimeError(f"tensor {k!r}: {len(data)} bytes, header promised {expected}")
+        out.write(data)
+
+
+def write_checkpoint(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file atomically; ``-`` writes to standard output.
+
+    A file is first written to a temporary file in the destination folder and renamed over
+    `dest` only once complete, so a failure at any point leaves no partial output behind.
+
+    Raises:
+        N2NError: standard output is a terminal, or the destination cannot be written.
+    """
+    if dest == STDIN:
+        if sys.stdout.isatty():
+            raise N2NError("refusing to write a binary checkpoint to a terminal: redirect it (-o - > file, or | n2n ...) or give -o FILE")
+        out = sys.stdout.buffer
+        _stream(out, tensors, metadata)
+        out.flush()
+        return
+
+    folder = os.path.dirname(os.path.abspath(dest))
+    if os.path.isdir(dest):
+        raise N2NError(f"{dest}: is a folder; give a file name for the output checkpoint")
+    if not os.path.isdir(folder):
+        raise N2NError(f"{dest}: the output folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(dest) + ".", suffix=".tmp")
+    except OSError as e:
+        raise N2NError(f"{dest}: cannot write in {folder} ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _stream(out, tensors, metadata)
+            out.flush()
+            os.fsync(out.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, dest)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise N2NError(f"{dest}: write failed ({e.strerror})") from None
+        raise

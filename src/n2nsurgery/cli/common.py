@@ -1,0 +1,129 @@
+"""Pieces every command shares: option types, error handling, output consoles, surgery reports."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import N2NError, VerificationFailed
+
+# Human output goes to stderr; stdout is for --json and for checkpoints written to '-'.
+console = Console(stderr=True, highlight=False)
+
+
+class State:
+    debug: bool = bool(os.environ.get("N2N_DEBUG"))
+
+
+state = State()
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+# ------------------------------------------------------------------------------- option types
+
+CheckpointArg = Annotated[str, typer.Argument(help="Safetensors checkpoint; '-' reads standard input.", show_default=False)]
+ArchOpt = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="Architecture YAML. Optional once the checkpoint has been through n2n (it carries its own); given both, this wins.", rich_help_panel="Model"),
+]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output checkpoint; '-' writes to standard output.", rich_help_panel="Output", show_default=False)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice: same seed, same bytes out.", rich_help_panel="Randomness")]
+DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where to verify: auto is the GPU when one is present.", rich_help_panel="Verification")]
+ProbesOpt = Annotated[int, typer.Option("--probes", min=1, help="Random probe samples per input.", rich_help_panel="Verification")]
+AtolOpt = Annotated[Optional[float], typer.Option("--atol", min=0.0, help="Absolute tolerance (default by dtype: float32 1e-5).", rich_help_panel="Verification", show_default=False)]
+RtolOpt = Annotated[Optional[float], typer.Option("--rtol", min=0.0, help="Tolerance relative to max|y_A| (default by dtype: float32 1e-4).", rich_help_panel="Verification", show_default=False)]
+VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check the student computes the teacher's function before writing.", rich_help_panel="Verification")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on standard output.", rich_help_panel="Output")]
+
+
+# ---------------------------------------------------------------------------- error handling
+
+
+def command(fn):
+    """Turn our exceptions into one-line messages and exit codes; no traceback unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except VerificationFailed as e:
+            if e.result is not None:
+                print_verify(e.result)
+            fail(e)
+        except N2NError as e:
+            fail(e)
+        except BrokenPipeError:
+            # The reader went away (e.g. `| head`); nothing useful left to say.
+            try:
+                sys.stdout = None  # type: ignore[assignment]
+            finally:
+                os._exit(1)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted; nothing was written\n")
+            raise typer.Exit(130)
+        except Exception as e:  # a bug in this tool: say so plainly
+            if state.debug:
+                raise
+            sys.stderr.write(f"internal error: {type(e).__name__}: {e} (run with n2n --debug ... for a traceback, and please report it)\n")
+            raise typer.Exit(3)
+
+    return wrapper
+
+
+def fail(e: N2NError):
+    if state.debug:
+        traceback.print_exc()
+    sys.stderr.write(f"error: {e}\n")
+    raise typer.Exit(e.exit_code)
+
+
+def check_json_target(json_out: bool, output: Optional[str]) -> None:
+    if json_out and output == "-":
+        raise N2NError("--json and -o - both want standard output; write the checkpoint to a file, or drop --json")
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------- reports
+
+
+def print_verify(result) -> None:
+    table = Table(title="verification", title_justify="left")
+    for col in ("output", "shape", "max |Δ|", "max rel", "allowed", "result"):
+        table.add_column(col, justify="right" if col.startswith("max") or col == "allowed" else "left")
+    for o in result.outputs:
+        name = o.name if o.name == o.name_b else f"{o.name} / {o.name_b}"
+        table.add_row(
+            escape(name),
+            str(o.shape),
+            f"{o.max_abs:.3g}",
+            f"{o.max_rel:.3g}",
+            f"{o.bound:.3g}",
+            "[green]pass[/]" if o.passed else "[bold red]FAIL[/]",
+        )
+    console.print(table)
+    verdict = "[green]equal[/]" if result.passed else "[bold red]differ[/]"
+    console.print(
+        f"{verdict} within atol={result.atol:g}, rtol={result.rtol:g} on {result.probes} probes "
+        f"(seed {result.seed}, device {escape(result.device)})"
+    )

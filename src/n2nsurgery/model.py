@@ -1,0 +1,239 @@
+"""A model: an architecture bound to the tensors of a checkpoint, shape-checked before use.
+
+:func:`load_model` is the front door: it opens a checkpoint lazily, takes the architecture from
+``--arch`` or from the checkpoint's own ``n2n.arch`` metadata, and checks every node's parameters
+and shapes. Surgery never mutates a model; it returns a new one whose :class:`TensorStore` lays
+the changed tensors over the untouched checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional
+
+import torch
+
+from .arch import Architecture, load_architecture, parse_architecture
+from .checkpoint import STDIN, Checkpoint, LazyTensor, open_checkpoint, write_checkpoint
+from .errors import N2NError
+from .ops import get_op
+from .ops.base import ShapeError, fmt_shape
+
+META_FORMAT = "format"
+META_ARCH = "n2n.arch"
+META_HISTORY = "n2n.history"
+
+
+class TensorStore:
+    """The tensors of a model: a base checkpoint, with some tensors replaced, added or dropped.
+
+    Reads go to the replacements first and to the (lazily read) checkpoint otherwise, so a
+    surgery that changes three tensors of a large checkpoint holds only those three in memory.
+    """
+
+    def __init__(self, base: Optional[Checkpoint] = None, changes: Optional[Mapping] = None, dropped: Iterable = ()):
+        self.base = base
+        self.changes: dict = dict(changes or {})
+        self.dropped = frozenset(dropped)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "TensorStore":
+        return cls(None, {k: v.detach() for k, v in tensors.items()})
+
+    def keys(self) -> list:
+        out = [k for k in (self.base.keys() if self.base else []) if k not in self.dropped and k not in self.changes]
+        return out + list(self.changes)
+
+    def __contains__(self, key) -> bool:
+        return key in self.changes or (self.base is not None and key in self.base and key not in self.dropped)
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self.changes:
+            return self.changes[key]
+        if self.base is not None and key in self.base and key not in self.dropped:
+            return self.base.get(key)
+        raise KeyError(key)
+
+    def shape(self, key: str) -> tuple:
+        if key in self.changes:
+            return tuple(self.changes[key].shape)
+        return self.base.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        if key in self.changes:
+            return self.changes[key].dtype
+        return self.base.dtype(key)
+
+    def with_changes(self, changes: Mapping[str, torch.Tensor], dropped: Iterable = ()) -> "TensorStore":
+        """A new store with `changes` laid over this one (and `dropped` keys removed)."""
+        merged = dict(self.changes)
+        merged.update(changes)
+        gone = set(self.dropped) | set(dropped)
+        for k in dropped:
+            merged.pop(k, None)
+        return TensorStore(self.base, merged, gone - set(changes))
+
+    def sources(self) -> dict:
+        """What the writer needs: changed tensors as tensors, untouched ones as raw byte ranges."""
+        out = {}
+        for k in self.keys():
+            if k in self.changes:
+                out[k] = self.changes[k]
+            else:
+                out[k] = LazyTensor(self.base.dtype(k), self.base.shape(k), (lambda k=k: self.base.raw(k)))
+        return out
+
+    def to_dict(self) -> dict:
+        return {k: self.get(k) for k in self.keys()}
+
+
+@dataclass
+class Model:
+    """An architecture, its tensors, and what the checkpoint says about where it came from."""
+
+    arch: Architecture
+    tensors: TensorStore
+    history: list = field(default_factory=list)  # n2n.history: one dict per surgery step
+    metadata: dict = field(default_factory=dict)  # other metadata keys, carried through unchanged
+    source: str = "<model>"
+    shapes: dict = field(default_factory=dict)  # value name -> one-sample shape, filled by check()
+
+    def check(self) -> "Model":
+        """Validate parameters and shapes of every node; fills :attr:`shapes`. Returns self."""
+        self.shapes = infer_shapes(self.arch, self.tensors, self.source)
+        return self
+
+    def param(self, node, role: str) -> Optional[torch.Tensor]:
+        key = node.param_key(role)
+        return self.tensors.get(key) if key in self.tensors else None
+
+    def param_shape(self, node, role: str) -> Optional[tuple]:
+        key = node.param_key(role)
+        return self.tensors.shape(key) if key in self.tensors else None
+
+    def replace(self, arch: Optional[Architecture] = None, tensors: Optional[TensorStore] = None, step: Optional[dict] = None) -> "Model":
+        """A new, checked model with a new architecture and/or tensors, and `step` appended to history."""
+        m = Model(
+            arch=arch if arch is not None else self.arch,
+            tensors=tensors if tensors is not None else self.tensors,
+            history=self.history + ([step] if step else []),
+            metadata=dict(self.metadata),
+            source=self.source,
+        )
+        return m.check()
+
+    def float_dtypes(self) -> set:
+        """The floating dtypes of all parameters the graph uses."""
+        out = set()
+        for node in self.arch.nodes:
+            for role in get_op(node.op).params:
+                key = node.param_key(role)
+                if key in self.tensors and self.tensors.dtype(key).is_floating_point:
+                    out.add(self.tensors.dtype(key))
+        return out
+
+    def parameter_count(self) -> int:
+        import math
+
+        keys = {node.param_key(r) for node in self.arch.nodes for r in get_op(node.op).params}
+        return sum(math.prod(self.tensors.shape(k)) for k in keys if k in self.tensors)
+
+
+def infer_shapes(arch: Architecture, tensors: TensorStore, source: str = "<model>") -> dict:
+    """One-sample output shape of every node; rejects missing or wrongly shaped parameters."""
+    shapes = {name: tuple(spec.shape) for name, spec in arch.inputs.items()}
+    for node in arch.nodes:
+        op = get_op(node.op)
+        pshapes = {}
+        for role, spec in op.params.items():
+            key = node.param_key(role)
+            if key in tensors:
+                pshapes[role] = tuple(tensors.shape(key))
+                dt = tensors.dtype(key)
+                if role != "num_batches_tracked" and not dt.is_floating_point:
+                    raise N2NError(f"{source}: node {node.name!r}: parameter {key!r} has dtype {dt}, expected a floating dtype")
+            elif spec.optional:
+                pshapes[role] = None
+            else:
+                raise N2NError(
+                    f"{source}: node {node.name!r} ({node.op}) needs parameter {key!r}, which the checkpoint does not have"
+                    + _similar_keys(key, tensors)
+                )
+        try:
+            shapes[node.name] = tuple(op.infer_shape([shapes[i] for i in node.inputs], pshapes, node.resolved_attrs()))
+        except ShapeError as e:
+            raise N2NError(f"{arch.source}: node {node.name!r} ({node.op}): {e}") from None
+    return shapes
+
+
+def _similar_keys(key: str, tensors: TensorStore) -> str:
+    from .errors import did_you_mean
+
+    return did_you_mean(key, tensors.keys())
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optional[str] = None) -> Model:
+    """Open `checkpoint` (a path, or ``-`` for stdin) with its architecture and check it.
+
+    Args:
+        checkpoint: safetensors file; ``-`` reads standard input.
+        arch: architecture YAML file. Optional when the checkpoint was written by this tool
+            (it carries its architecture in the ``n2n.arch`` metadata); given both, this wins.
+        fallback_arch: architecture file used only when `arch` is None and the checkpoint
+            carries none (e.g. ``n2n verify`` comparing two plain state_dict checkpoints).
+
+    Example:
+        >>> m = load_model("recipes/mlp.safetensors", "recipes/mlp.yaml")
+        >>> m.shapes["fc2"]
+        (10,)
+    """
+    ckpt = open_checkpoint(checkpoint)
+    source = ckpt.source
+    if arch is not None:
+        architecture = load_architecture(arch)
+    elif META_ARCH in ckpt.metadata:
+        architecture = parse_architecture(ckpt.metadata[META_ARCH], source=f"{source} (its n2n.arch metadata)")
+    elif fallback_arch is not None:
+        architecture = load_architecture(fallback_arch)
+    else:
+        raise N2NError(f"{source}: the checkpoint carries no architecture (n2n.arch metadata); pass --arch FILE")
+    history = []
+    if META_HISTORY in ckpt.metadata:
+        try:
+            history = json.loads(ckpt.metadata[META_HISTORY])
+        except json.JSONDecodeError:
+            raise N2NError(f"{source}: metadata n2n.history is not valid JSON") from None
+        if not isinstance(history, list):
+            raise N2NError(f"{source}: metadata n2n.history must be a JSON list")
+    extra = {k: v for k, v in ckpt.metadata.items() if k not in (META_ARCH, META_HISTORY, META_FORMAT)}
+    return Model(architecture, TensorStore(ckpt), history, extra, source).check()
+
+
+def model_from_state_dict(arch: Architecture | str, state_dict: Mapping[str, torch.Tensor]) -> Model:
+    """Bind an architecture (object or YAML text) to in-memory tensors, e.g. a module's state_dict()."""
+    if isinstance(arch, str):
+        arch = parse_architecture(arch)
+    return Model(arch, TensorStore.from_tensors(state_dict), source="<state_dict>").check()
+
+
+def checkpoint_metadata(model: Model) -> dict:
+    meta = dict(model.metadata)
+    meta[META_FORMAT] = "pt"
+    meta[META_ARCH] = model.arch.to_yaml()
+    meta[META_HISTORY] = json.dumps(model.history, sort_keys=True, separators=(",", ":"))
+    return meta
+
+
+def save_model(model: Model, dest: str) -> None:
+    """Write `model` as a safetensors checkpoint carrying its architecture and history.
+
+    Written atomically; ``-`` writes to standard output (never to a terminal).
+    """
+    write_checkpoint(dest, model.tensors.sources(), checkpoint_metadata(model))

@@ -1,0 +1,264 @@
+"""What an op is: one self-contained definition per op type.
+
+An :class:`OpDef` says, in one place,
+
+* how the op runs (``forward``, torch functional calls on batched tensors),
+* which attributes it takes and their defaults (``attrs``), and which parameter roles it reads
+  from the checkpoint (``params``),
+* how its output shape follows from its input and parameter shapes (``infer_shape``; it also
+  rejects parameters whose shapes disagree with the graph),
+* what values it can produce given the ranges of its inputs (``value_range``; deepen uses this to
+  prove that an identity layer followed by an activation is exact),
+* how its units couple and how it is remapped when a widening reaches it (``widen``; see
+  :mod:`n2nsurgery.widen`).
+
+Shapes here are the shape of ONE sample (no batch dimension), matching the architecture YAML.
+Attributes that name a dimension (``flatten``'s ``start_dim``, ``concat``'s ``dim``) use
+PyTorch's batched numbering, as the YAML does; :func:`sample_dim` converts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+Shape = tuple  # of ints: one sample, no batch dimension
+
+REQUIRED = object()  # attribute default meaning "must be given"
+
+
+class ShapeError(Exception):
+    """An op's shape rule failed; the caller prefixes the node name."""
+
+
+class AttrError(Exception):
+    """An attribute value has the wrong type or range; the caller prefixes node and attribute."""
+
+
+# --------------------------------------------------------------------------------------------
+# Attribute parsers. Each takes the raw YAML value and returns the normalised value or raises
+# AttrError with a short reason. bool is rejected where an int is expected: YAML `yes` is not 1.
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def int_attr(minimum: int = 0):
+    def parse(v):
+        if not _is_int(v):
+            raise AttrError(f"must be an integer, got {v!r}")
+        if v < minimum:
+            raise AttrError(f"must be at least {minimum}, got {v}")
+        return v
+
+    return parse
+
+
+def ints_attr(minimum: int = 0):
+    """An int or a list of ints (one per spatial axis), as torch accepts."""
+    one = int_attr(minimum)
+
+    def parse(v):
+        if isinstance(v, (list, tuple)):
+            if not v:
+                raise AttrError("must not be an empty list")
+            return tuple(one(x) for x in v)
+        return one(v)
+
+    return parse
+
+
+def float_attr(minimum: float = -math.inf, maximum: float = math.inf, exclusive_min=False):
+    def parse(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise AttrError(f"must be a finite number, got {v!r}")
+        if v < minimum or (exclusive_min and v == minimum) or v > maximum:
+            raise AttrError(f"is out of range, got {v}")
+        return float(v)
+
+    return parse
+
+
+def choice_attr(*choices):
+    def parse(v):
+        if v not in choices:
+            raise AttrError(f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
+        return v
+
+    return parse
+
+
+def int_or_choice_attr(*choices, minimum: int = 0):
+    ints = ints_attr(minimum)
+
+    def parse(v):
+        if isinstance(v, str):
+            return choice_attr(*choices)(v)
+        return ints(v)
+
+    return parse
+
+
+def dim_attr(v):
+    """A dimension index in PyTorch's batched numbering; dim 0 (the batch) is not allowed."""
+    if not _is_int(v):
+        raise AttrError(f"must be an integer, got {v!r}")
+    if v == 0:
+        raise AttrError("must not be 0: dimension 0 is the batch")
+    return v
+
+
+@dataclass(frozen=True)
+class Attr:
+    parse: Callable[[Any], Any]
+    default: Any = REQUIRED
+
+
+@dataclass(frozen=True)
+class Param:
+    optional: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Value ranges: closed intervals [lo, hi] that a value's elements are known to lie in.
+
+
+@dataclass(frozen=True)
+class Interval:
+    lo: float = -math.inf
+    hi: float = math.inf
+
+    def union(self, other: "Interval") -> "Interval":
+        return Interval(min(self.lo, other.lo), max(self.hi, other.hi))
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.lo >= 0
+
+    def __str__(self) -> str:
+        return f"[{self.lo:g}, {self.hi:g}]"
+
+
+UNKNOWN = Interval()
+
+
+def unknown_range(ranges, attrs) -> Interval:
+    """Default for ops whose output range we do not track: anything."""
+    return UNKNOWN
+
+
+def same_range(ranges, attrs) -> Interval:
+    """Ops that only move or select values (pooling by max, dropout at inference, flatten)."""
+    return ranges[0]
+
+
+def hull_range(ranges, attrs) -> Interval:
+    """Ops whose outputs are drawn from, or averages of, their inputs' values."""
+    out = ranges[0]
+    for r in ranges[1:]:
+        out = out.union(r)
+    return out
+
+
+def _mul(a: float, b: float) -> float:
+    # 0 * inf is 0 here: a factor known to be exactly zero wins.
+    if a == 0 or b == 0:
+        return 0.0
+    return a * b
+
+
+def add_range(ranges, attrs) -> Interval:
+    lo = sum(r.lo for r in ranges)
+    hi = sum(r.hi for r in ranges)
+    return Interval(lo if not math.isnan(lo) else -math.inf, hi if not math.isnan(hi) else math.inf)
+
+
+def mul_range(ranges, attrs) -> Interval:
+    out = ranges[0]
+    for r in ranges[1:]:
+        corners = [_mul(a, b) for a in (out.lo, out.hi) for b in (r.lo, r.hi)]
+        out = Interval(min(corners), max(corners))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def no_widen(ctx, node, event):
+    """Default widen rule: refuse. An op must declare how its units couple to be widened through."""
+    ctx.refuse(
+        node,
+        f"op {node.op!r} declares no widening rule, so the tool cannot prove the widening exact",
+    )
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One op type. See the module docstring for what each field means."""
+
+    name: str
+    forward: Callable  # (inputs: list[Tensor], params: dict[role, Tensor|None], attrs) -> Tensor
+    infer_shape: Callable  # (in_shapes: list[Shape], param_shapes: dict[role, Shape|None], attrs) -> Shape
+    arity: int = 1  # number of inputs; -1 means two or more
+    attrs: Mapping[str, Attr] = field(default_factory=dict)
+    params: Mapping[str, Param] = field(default_factory=dict)
+    value_range: Callable = unknown_range  # (in_ranges: list[Interval], attrs) -> Interval
+    widen: Callable = no_widen  # (ctx: WidenContext, node, event) -> None; see n2nsurgery.widen
+    doc: str = ""
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    if op.name in REGISTRY:
+        raise ValueError(f"op {op.name!r} registered twice")
+    REGISTRY[op.name] = op
+    return op
+
+
+def get_op(name: str) -> Optional[OpDef]:
+    return REGISTRY.get(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Shape helpers shared by several ops.
+
+
+def sample_dim(dim: int, rank: int) -> int:
+    """Convert a batched PyTorch dim (1.. or negative) to an index into a one-sample shape."""
+    batched_rank = rank + 1
+    d = dim if dim >= 0 else dim + batched_rank
+    if not 1 <= d < batched_rank:
+        raise ShapeError(f"dim {dim} is out of range for an input of {rank} dimensions per sample")
+    return d - 1
+
+
+def expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise ShapeError(message)
+
+
+def per_axis(value, n: int, what: str) -> tuple:
+    """Expand an int-or-tuple attribute to one value per spatial axis."""
+    if isinstance(value, tuple):
+        expect(len(value) == n, f"{what} has {len(value)} values but the op has {n} spatial axes")
+        return value
+    return (value,) * n
+
+
+def fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def broadcast(shapes) -> Shape:
+    try:
+        return tuple(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))
+    except RuntimeError:
+        raise ShapeError(
+            "input shapes " + ", ".join(fmt_shape(s) for s in shapes) + " do not broadcast"
+        ) from None

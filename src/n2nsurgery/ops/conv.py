@@ -1,0 +1,78 @@
+"""conv1d / conv2d / conv3d: weight [out, in/groups, *kernel], bias [out]; channels on axis 0."""
+
+import torch.nn.functional as F
+
+from .base import Attr, OpDef, Param, expect, fmt_shape, int_attr, int_or_choice_attr, ints_attr, per_axis, register
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_out_len(n: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    """PyTorch's output length of a convolution or pooling window along one axis."""
+    return (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _make_infer(nd: int):
+    def infer(in_shapes, p, a):
+        (x,) = in_shapes
+        w = p["weight"]
+        expect(len(x) == nd + 1, f"input must be [channels, {nd} spatial axes], got {fmt_shape(x)}")
+        expect(len(w) == nd + 2, f"weight must be {nd + 2}-D [out, in/groups, *kernel], got {fmt_shape(w)}")
+        groups = a["groups"]
+        cin, cout = x[0], w[0]
+        expect(cin % groups == 0, f"groups={groups} does not divide the {cin} input channels")
+        expect(cout % groups == 0, f"groups={groups} does not divide the {cout} output channels of weight {fmt_shape(w)}")
+        expect(
+            w[1] * groups == cin,
+            f"weight {fmt_shape(w)} expects {w[1] * groups} input channels (groups={groups}) "
+            f"but the input has {cin} (input shape {fmt_shape(x)})",
+        )
+        if p.get("bias") is not None:
+            expect(p["bias"] == (cout,), f"bias must be [{cout}], got {fmt_shape(p['bias'])}")
+        stride = per_axis(a["stride"], nd, "stride")
+        dilation = per_axis(a["dilation"], nd, "dilation")
+        kernel = w[2:]
+        padding = a["padding"]
+        if padding == "same":
+            expect(all(s == 1 for s in stride), "padding='same' needs stride 1")
+            return (cout,) + tuple(x[1:])
+        padding = (0,) * nd if padding == "valid" else per_axis(padding, nd, "padding")
+        spatial = tuple(
+            conv_out_len(n, k, s, pd, d) for n, k, s, pd, d in zip(x[1:], kernel, stride, padding, dilation)
+        )
+        expect(
+            all(n > 0 for n in spatial),
+            f"kernel {fmt_shape(kernel)} does not fit the input {fmt_shape(x)} (output would be {fmt_shape(spatial)})",
+        )
+        return (cout,) + spatial
+
+    return infer
+
+
+def _make_forward(nd: int):
+    fn = _CONV_FN[nd]
+
+    def forward(xs, p, a):
+        return fn(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
+
+    return forward
+
+
+CONV = {
+    nd: register(
+        OpDef(
+            name=f"conv{nd}d",
+            forward=_make_forward(nd),
+            infer_shape=_make_infer(nd),
+            attrs={
+                "stride": Attr(ints_attr(1), 1),
+                "padding": Attr(int_or_choice_attr("same", "valid"), 0),
+                "dilation": Attr(ints_attr(1), 1),
+                "groups": Attr(int_attr(1), 1),
+            },
+            params={"weight": Param(), "bias": Param(optional=True)},
+            doc=f"{nd}-D convolution over [channels, {nd} spatial axes].",
+        )
+    )
+    for nd in (1, 2, 3)
+}
