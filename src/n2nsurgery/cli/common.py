@@ -127,3 +127,29 @@ def print_verify(result) -> None:
         f"{verdict} within atol={result.atol:g}, rtol={result.rtol:g} on {result.probes} probes "
         f"(seed {result.seed}, device {escape(result.device)})"
     )
+
+
+def finish_surgery(teacher, student, report: dict, *, output: str, verify: bool, probes: int, seed: int,
+                   device: str, atol, rtol, json_out: bool, what: str, print_report=None) -> None:
+    """Verify the student against the teacher (unless --no-verify), write it, and report.
+
+    A student that fails verification is not written (exit 1). `report` is the surgery's own
+    JSON-ready report; `print_report` renders it for humans on stderr.
+    """
+    from ..model import save_model
+    from ..surgery import check_student
+
+    result = None
+    if verify:
+        result = check_student(teacher, student, probes=probes, seed=seed, device=device, atol=atol, rtol=rtol, what=what)
+    save_model(student, output)
+    if json_out:
+        emit_json({**report, "output": output, "verification": result.to_dict() if result else None})
+        return
+    if print_report is not None:
+        print_report(report)
+    if result is not None:
+        print_verify(result)
+    else:
+        console.print("[yellow]not verified[/] (--no-verify)")
+    console.print(f"wrote {escape(output if output != '-' else '<stdout>')}")
