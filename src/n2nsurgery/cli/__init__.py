@@ -35,10 +35,11 @@ def _root(
 ):
     from .common import state
 
-    state.debug = state.debug or debug
+    state.configure(debug)
 
 
-from . import inspect_cmd, verify_cmd  # noqa: E402,F401  (each registers its command)
+from . import inspect_cmd, verify_cmd, widen_cmd  # noqa: E402,F401  (each registers its command)
+from . import apply_cmd, diff_cmd  # noqa: E402,F401
 
 
 def main() -> None:

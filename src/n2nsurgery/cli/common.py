@@ -24,6 +24,11 @@ console = Console(stderr=True, highlight=False)
 class State:
     debug: bool = bool(os.environ.get("N2N_DEBUG"))
 
+    def configure(self, debug: bool) -> None:
+        """Set per invocation, never sticky: one `--debug` run must not leak into the next
+        (tests and library users call the app many times in one process)."""
+        self.debug = debug or bool(os.environ.get("N2N_DEBUG"))
+
 
 state = State()
 

@@ -1,0 +1,59 @@
+"""Shared test helpers: where the shipped examples live, a CLI runner, and a max-|Δ| assertion.
+
+Kept small on purpose; test files add their own helpers next to the tests that use them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
+EXAMPLE_NAMES = ("mlp", "cnn", "resnet", "inception")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def example_paths(name: str) -> tuple[str, str]:
+    """(checkpoint, architecture) of a shipped example, as strings for the CLI."""
+    return str(RECIPES / f"{name}.safetensors"), str(RECIPES / f"{name}.yaml")
+
+
+def n2n_exe() -> str:
+    """The installed `n2n` console script next to this interpreter (for real subprocesses)."""
+    path = os.path.join(os.path.dirname(sys.executable), "n2n")
+    if not os.path.exists(path):
+        pytest.skip("the n2n console script is not installed next to this Python")
+    return path
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64, after checking the shapes agree exactly."""
+    assert tuple(a.shape) == tuple(b.shape), f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
+    if a.numel() == 0:
+        return 0.0
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-6) -> None:
+    """Same shape and max |got - want| <= tol (never a signed sum, where errors could cancel)."""
+    d = max_abs_diff(got, want)
+    assert d <= tol, f"max |Δ| = {d:.3g} > {tol:g}"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """Typer's runner; `result.stdout` and `result.stderr` are kept apart."""
+    return CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_env(monkeypatch):
+    """A developer's N2N_DEBUG=1 would add tracebacks that the error tests assert are absent."""
+    monkeypatch.delenv("N2N_DEBUG", raising=False)
