@@ -1,0 +1,85 @@
+"""n2n apply: run a recipe's steps in order, each verified, and write the final student."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..model import load_model, save_model
+from ..recipe import apply_recipe, load_recipe
+from . import app
+from .common import ArchOpt, CheckpointArg, DeviceChoice, JsonOpt, OutputOpt, check_json_target, command, console, emit_json
+
+
+@app.command("apply")
+@command
+def apply_cmd(
+    checkpoint: CheckpointArg,
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML (SPEC 4): seed, steps, verify.", show_default=False)],
+    output: OutputOpt,
+    arch: ArchOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Override the recipe's seed (steps that name their own seed keep it).", rich_help_panel="Randomness", show_default=False)] = None,
+    device: Annotated[Optional[DeviceChoice], typer.Option("--device", help="Where to verify; overrides the recipe's verify.device (default auto: the GPU when present).", rich_help_panel="Verification", show_default=False)] = None,
+    verify: Annotated[Optional[bool], typer.Option("--verify/--no-verify", help="Check every step (overrides the recipe's verify: true/false).", rich_help_panel="Verification", show_default=False)] = None,
+    json_out: JsonOpt = False,
+):
+    """Run a recipe: each step verified against the one before; the first failure stops the run and writes nothing."""
+    check_json_target(json_out, output)
+    rec = load_recipe(recipe)  # validate the recipe before reading a possibly large checkpoint
+    teacher = load_model(checkpoint, arch)
+
+    def progress(rep):
+        if json_out:
+            return
+        err = f"max |Δ| {rep.verification.max_abs:.3g}" if rep.verification is not None else "not verified"
+        console.print(f"step {rep.index}/{len(rec.steps)} {rep.kind} {escape(rep.target)}: {escape(rep.summary)} ({err})")
+
+    student, reports = apply_recipe(
+        teacher, rec, seed=seed, verify=verify, device=device.value if device is not None else None, on_step=progress
+    )
+    save_model(student, output)
+    end_to_end = reports[-1].end_to_end
+    if json_out:
+        emit_json({
+            "recipe": rec.source,
+            "seed": rec.seed if seed is None else seed,
+            "output": output,
+            "steps": [r.to_dict() for r in reports],
+            "end_to_end": end_to_end.to_dict() if end_to_end is not None else None,
+            "parameters": {"before": teacher.parameter_count(), "after": student.parameter_count()},
+        })
+        return
+    _print_summary(reports, end_to_end, teacher, student)
+    console.print(f"wrote {escape(output if output != '-' else '<stdout>')}")
+
+
+def _print_summary(reports, end_to_end, teacher, student) -> None:
+    table = Table(title="recipe applied", title_justify="left")
+    for col in ("step", "surgery", "seed", "what changed", "max |Δ|", "result"):
+        table.add_column(col, justify="right" if col in ("step", "seed", "max |Δ|") else "left", overflow="fold")
+    for r in reports:
+        v = r.verification
+        table.add_row(
+            str(r.index),
+            escape(f"{r.kind} {r.target}"),
+            str(r.seed),
+            escape(r.summary),
+            f"{v.max_abs:.3g}" if v is not None else "",
+            ("[green]pass[/]" if v.passed else "[bold red]FAIL[/]") if v is not None else "[yellow]not verified[/]",
+        )
+    if end_to_end is not None:
+        table.add_row(
+            "all", "final vs original teacher", str(end_to_end.seed), "",
+            f"{end_to_end.max_abs:.3g}", "[green]pass[/]" if end_to_end.passed else "[bold red]FAIL[/]",
+        )
+    console.print(table)
+    checked = [r.verification for r in reports if r.verification is not None]
+    if checked:
+        v = checked[-1]
+        console.print(f"verified within atol={v.atol:g}, rtol={v.rtol:g} on {v.probes} probes per step (device {escape(v.device)})")
+    else:
+        console.print("[yellow]not verified[/] (verify: false or --no-verify)")
+    console.print(f"parameters {teacher.parameter_count():,} → {student.parameter_count():,}")

@@ -1,0 +1,444 @@
+"""Recipes (SPEC 4): a reviewed, rerunnable list of surgery steps, applied and verified in order.
+
+A recipe is a small YAML file::
+
+    seed: 0
+    steps:
+      - widen:  {layer: conv1, width: 64}
+      - widen:  {layer: conv2, width: 128, split: random}
+      - deepen: {after: relu2, op: conv, kernel_size: 3, batchnorm: true}
+    verify: {probes: 64}
+
+Validation is strict, because a silently ignored key is a surgery the user thinks happened: an
+unknown or misspelt key is an error that names it and suggests the right one, and a value of the
+wrong type is an error that names the step (``step 2 (widen): width must be an integer > 0,
+got 'abc'``). Nothing runs until the whole file has been checked.
+
+Seeds. Each step gets its own seed, derived from the recipe's seed and the step's position with
+:func:`step_seed` (a hash, so neighbouring recipe seeds do not share steps' seeds), unless the step
+names one itself (``seed: 7`` inside the step), which makes that step reproduce
+``n2n widen ... --seed 7`` exactly. The seed a step used is printed in the summary and recorded in
+the student's ``n2n.history``. It drives both the surgery's random choices and that step's
+verification probes, as ``--seed`` does for a single command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import yaml
+
+from .errors import N2NError, VerificationFailed, did_you_mean
+
+_TOP_KEYS = ("seed", "steps", "verify", "description")
+_VERIFY_KEYS = ("probes", "atol", "rtol", "device")
+_KINDS = ("widen", "deepen")
+_SPLITS = ("equal", "random")
+_DEEPEN_OPS = ("auto", "linear", "conv", "residual")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+# ------------------------------------------------------------------------------- data
+
+
+@dataclass
+class VerifySettings:
+    """How each step is checked: ``verify:`` in the recipe (``false`` turns checking off)."""
+
+    enabled: bool = True
+    probes: int = 64
+    atol: Optional[float] = None  # None: the default for the checkpoint's dtype (SPEC 3.3)
+    rtol: Optional[float] = None
+    device: str = "auto"
+
+
+@dataclass
+class Step:
+    """One step of a recipe: ``kind`` is ``widen`` or ``deepen``; ``args`` are its keyword arguments."""
+
+    index: int  # 1-based, as messages and the summary number steps
+    kind: str
+    args: dict  # validated; only the keys the recipe wrote (the surgery fills in its defaults)
+    seed: Optional[int] = None  # the step's own seed, when the recipe names one
+
+    @property
+    def target(self) -> str:
+        """The node the step works on: the widened layer, or the node a layer is inserted after."""
+        return self.args["layer"] if self.kind == "widen" else self.args["after"]
+
+    @property
+    def label(self) -> str:
+        """How messages name the step: ``step 2 (widen conv2)``."""
+        return f"step {self.index} ({self.kind} {self.target})"
+
+
+@dataclass
+class Recipe:
+    seed: int
+    steps: list  # of Step
+    verify: VerifySettings = field(default_factory=VerifySettings)
+    description: Optional[str] = None
+    source: str = "<recipe>"  # file name, for messages and history
+    sha256: Optional[str] = None  # of the recipe text, recorded in history
+
+
+@dataclass
+class StepReport:
+    """What one applied step did and how far its student was from the step's teacher."""
+
+    index: int
+    kind: str
+    target: str
+    args: dict
+    seed: int
+    changes: dict  # diff of the step's teacher and student (see n2nsurgery.diff)
+    report: Optional[dict]  # the surgery's own report (WidenReport/DeepenReport .to_dict())
+    verification: Optional[object] = None  # VerifyResult, or None when not verified
+    # Last step only: the final student checked against the recipe's original teacher.
+    end_to_end: Optional[object] = None
+
+    @property
+    def summary(self) -> str:
+        """One line saying what changed, e.g. ``+2 nodes (conv_new, relu_new); 6 tensors reshaped``."""
+        from .diff import summarize
+
+        return summarize(self.changes)
+
+    def to_dict(self) -> dict:
+        return {
+            "step": self.index,
+            "kind": self.kind,
+            "target": self.target,
+            "args": dict(self.args),
+            "seed": self.seed,
+            "summary": self.summary,
+            "changes": self.changes,
+            "report": self.report,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+            "end_to_end": self.end_to_end.to_dict() if self.end_to_end is not None else None,
+        }
+
+
+# ---------------------------------------------------------------------------- seeds
+
+
+def step_seed(recipe_seed: int, index: int) -> int:
+    """The seed of step `index` (1-based) of a recipe with seed `recipe_seed`.
+
+    The first 4 bytes of ``sha256("n2n-recipe:<recipe_seed>:<index>")``, as a little-endian
+    integer with the top bit cleared (so it fits every seed API: 0 <= seed < 2**31).
+
+    Example:
+        >>> step_seed(0, 1) == step_seed(0, 1) != step_seed(0, 2)
+        True
+    """
+    digest = hashlib.sha256(f"n2n-recipe:{recipe_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# -------------------------------------------------------------------------- parsing
+
+
+def load_recipe(path: str) -> Recipe:
+    """Read and validate a recipe file.
+
+    Raises:
+        N2NError: the file is missing or unreadable, or the recipe is not valid (the message
+            names the file, the step and the key).
+
+    Example:
+        >>> r = load_recipe("recipes/cnn-wider-deeper.yaml")
+        >>> [s.kind for s in r.steps]
+        ['widen', 'widen', 'deepen']
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise N2NError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise N2NError(f"{path}: is a folder, not a recipe file") from None
+    except OSError as e:
+        raise N2NError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise N2NError(f"{path}: not UTF-8 text, so not a recipe YAML file") from None
+    return parse_recipe(text, source=path)
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """Parse and strictly validate recipe YAML text (SPEC 4).
+
+    Args:
+        text: the YAML.
+        source: the file name messages and history name.
+
+    Returns:
+        A :class:`Recipe`.
+
+    Raises:
+        N2NError: naming `source`, and the step and key at fault.
+
+    Example:
+        >>> parse_recipe("steps: [{widen: {layer: fc1, width: 64}}]").steps[0].args
+        {'layer': 'fc1', 'width': 64}
+    """
+
+    def fail(msg):
+        raise N2NError(f"{source}: {msg}")
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        fail(f"malformed YAML{where}: {problem}")
+    if not isinstance(doc, dict):
+        fail("a recipe must be a YAML mapping with steps (and optionally seed and verify)")
+    for k in doc:
+        if k not in _TOP_KEYS:
+            fail(f"unknown top-level key {k!r}{did_you_mean(str(k), _TOP_KEYS)} (keys: {', '.join(_TOP_KEYS)})")
+
+    seed = doc.get("seed", 0)
+    if not _is_int(seed) or seed < 0:
+        fail(f"seed must be an integer >= 0, got {seed!r}")
+    description = doc.get("description")
+    if description is not None and not isinstance(description, str):
+        fail(f"description must be a string, got {description!r}")
+
+    raw_steps = doc.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        fail("steps must be a non-empty list, each item {widen: {...}} or {deepen: {...}}")
+    steps = [_parse_step(i + 1, item, fail) for i, item in enumerate(raw_steps)]
+
+    return Recipe(
+        seed=seed,
+        steps=steps,
+        verify=_parse_verify(doc.get("verify", True), fail),
+        description=description,
+        source=source,
+        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    )
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _parse_verify(raw, fail) -> VerifySettings:
+    if isinstance(raw, bool):
+        return VerifySettings(enabled=raw)
+    if raw is None:
+        return VerifySettings()
+    if not isinstance(raw, dict):
+        fail(f"verify must be true, false or a mapping with {', '.join(_VERIFY_KEYS)}; got {raw!r}")
+    for k in raw:
+        if k not in _VERIFY_KEYS:
+            fail(f"verify: unknown key {k!r}{did_you_mean(str(k), _VERIFY_KEYS)} (keys: {', '.join(_VERIFY_KEYS)})")
+    out = VerifySettings()
+    if "probes" in raw:
+        if not _is_int(raw["probes"]) or raw["probes"] < 1:
+            fail(f"verify: probes must be an integer > 0, got {raw['probes']!r}")
+        out.probes = raw["probes"]
+    for k in ("atol", "rtol"):
+        if k in raw:
+            if not _is_number(raw[k]) or raw[k] < 0:
+                fail(f"verify: {k} must be a number >= 0, got {raw[k]!r}")
+            setattr(out, k, float(raw[k]))
+    if "device" in raw:
+        if raw["device"] not in _DEVICES:
+            fail(f"verify: device must be one of {', '.join(_DEVICES)}, got {raw['device']!r}")
+        out.device = raw["device"]
+    return out
+
+
+# Per kind: key -> (check, description for the message). Checks return True when the value is
+# acceptable. Required keys are listed separately.
+def _positive_int(v) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _odd_positive_int(v) -> bool:
+    return _is_int(v) and v > 0 and v % 2 == 1
+
+
+def _name(v) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+_STEP_KEYS = {
+    "widen": {
+        "layer": (_name, "a node name"),
+        "width": (_positive_int, "an integer > 0"),
+        "split": (lambda v: v in _SPLITS, "one of " + ", ".join(_SPLITS)),
+        "noise": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    },
+    "deepen": {
+        "after": (_name, "a node name"),
+        "op": (lambda v: v in _DEEPEN_OPS, "one of " + ", ".join(_DEEPEN_OPS)),
+        "activation": (lambda v: v is None or _name(v), "an activation op name, or none"),
+        "kernel_size": (_odd_positive_int, "an odd integer > 0"),
+        "batchnorm": (lambda v: isinstance(v, bool), "true or false"),
+        "hidden": (lambda v: v is None or _positive_int(v), "an integer > 0"),
+        "name": (_name, "a node name"),
+        "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    },
+}
+_REQUIRED = {"widen": ("layer", "width"), "deepen": ("after",)}
+
+
+def _parse_step(index: int, item, fail) -> Step:
+    where = f"step {index}"
+    if not isinstance(item, dict) or len(item) != 1:
+        got = f"keys {', '.join(map(repr, item))}" if isinstance(item, dict) and item else repr(item)
+        fail(f"{where}: a step is a mapping with exactly one key, widen or deepen (e.g. - widen: {{layer: fc1, width: 64}}); got {got}")
+    (kind, body), = item.items()
+    if kind not in _KINDS:
+        fail(f"{where}: unknown step kind {kind!r}{did_you_mean(str(kind), _KINDS)} (kinds: {', '.join(_KINDS)})")
+    where = f"step {index} ({kind})"
+    if not isinstance(body, dict):
+        fail(f"{where}: expected a mapping of arguments, e.g. {{{', '.join(k + ': ...' for k in _REQUIRED[kind])}}}; got {body!r}")
+    allowed = _STEP_KEYS[kind]
+    for k in body:
+        if k not in allowed:
+            fail(f"{where}: unknown key {k!r}{did_you_mean(str(k), allowed)} (keys: {', '.join(allowed)})")
+    for k in _REQUIRED[kind]:
+        if k not in body:
+            fail(f"{where}: missing {k!r} ({allowed[k][1]})")
+    args = {}
+    for k, v in body.items():
+        check, wanted = allowed[k]
+        if not check(v):
+            fail(f"{where}: {k} must be {wanted}, got {v!r}")
+        args[k] = float(v) if k == "noise" else v
+    own_seed = args.pop("seed", None)
+    if kind == "deepen" and args.get("activation") in ("none", "None"):
+        args["activation"] = None
+    return Step(index=index, kind=kind, args=args, seed=own_seed)
+
+
+# ---------------------------------------------------------------------------- applying
+
+
+def apply_recipe(
+    model,
+    recipe: Recipe,
+    *,
+    seed: Optional[int] = None,
+    verify: Optional[bool] = None,
+    device: Optional[str] = None,
+    on_step: Optional[Callable[[StepReport], None]] = None,
+):
+    """Run every step of `recipe` on `model`, in order, verifying each against the step before.
+
+    Each step calls :func:`n2nsurgery.widen.widen` or :func:`n2nsurgery.deepen.deepen` with the
+    step's arguments and seed (:func:`step_seed`), then (unless verification is off) checks the
+    new model against the previous one with :func:`n2nsurgery.surgery.check_student`. When there
+    is more than one step, the final student is also checked against the original `model`, so
+    errors that pass step by step cannot add up unnoticed. The first failure raises; nothing is
+    written by this function in any case.
+
+    Args:
+        model: the teacher (:class:`~n2nsurgery.model.Model`); never modified.
+        recipe: from :func:`load_recipe` or :func:`parse_recipe`.
+        seed: overrides the recipe's seed (steps with their own seed keep it).
+        verify: overrides the recipe's ``verify`` on/off.
+        device: overrides the recipe's verification device (``auto``, ``cpu``, ``cuda``).
+        on_step: called with each :class:`StepReport` as soon as its step passes (progress).
+
+    Returns:
+        ``(student, reports)``: the final model, whose ``history`` ends with one entry per step,
+        and one :class:`StepReport` per step (the last one's ``end_to_end`` holds the check of
+        the final student against `model`, when it ran).
+
+    Raises:
+        N2NError: a step cannot be done exactly (bad layer, refused widening, ...); the message
+            starts with the step, e.g. ``step 2 (widen conv2): ...``.
+        VerificationFailed: a step's student (or the final one) is not the teacher's function.
+
+    Example:
+        >>> teacher = load_model("recipes/cnn.safetensors", "recipes/cnn.yaml")
+        >>> student, reports = apply_recipe(teacher, load_recipe("recipes/cnn-wider-deeper.yaml"))
+        >>> [r.kind for r in reports]
+        ['widen', 'widen', 'deepen']
+    """
+    from .diff import diff_models
+    from .surgery import check_student, history_step
+
+    base_seed = recipe.seed if seed is None else seed
+    checking = recipe.verify.enabled if verify is None else verify
+    settings = recipe.verify
+    dev = device or settings.device
+    recipe_ref = {"file": os.path.basename(recipe.source), "sha256": recipe.sha256, "steps": len(recipe.steps)}
+
+    current = model
+    reports = []
+    for step in recipe.steps:
+        s = step.seed if step.seed is not None else step_seed(base_seed, step.index)
+        before = len(current.history)
+        try:
+            student, surgery_report = _run_step(current, step, s)
+        except VerificationFailed:
+            raise
+        except N2NError as e:
+            raise N2NError(f"{step.label}: {e}") from None
+        if len(student.history) == before:  # the surgery left the record to its caller: add it
+            student.history.append(history_step(step.kind, step.args, s))
+        # Say where the step came from, so the lineage reads back as one run of one recipe.
+        student.history[-1] = dict(student.history[-1], command="apply", recipe=dict(recipe_ref, step=step.index))
+        result = None
+        if checking:
+            result = check_student(
+                current, student, probes=settings.probes, seed=s, device=dev,
+                atol=settings.atol, rtol=settings.rtol, what=step.label,
+            )
+        rep = StepReport(
+            index=step.index,
+            kind=step.kind,
+            target=step.target,
+            args=dict(step.args),
+            seed=s,
+            changes=diff_models(current, student).to_dict(),
+            report=surgery_report.to_dict() if hasattr(surgery_report, "to_dict") else surgery_report,
+            verification=result,
+        )
+        reports.append(rep)
+        if on_step is not None:
+            on_step(rep)
+        current = student
+
+    if checking and len(recipe.steps) > 1:
+        from .verify import verify as run_verify
+
+        result = run_verify(model, current, probes=settings.probes, seed=base_seed, atol=settings.atol, rtol=settings.rtol, device=dev)
+        if not result.passed:
+            worst = max(result.outputs, key=lambda o: o.max_abs / o.bound if o.bound else float("inf"))
+            raise VerificationFailed(
+                f"every step passed, but the final student differs from the original teacher: output {worst.name!r} "
+                f"differs by {worst.max_abs:.3g} (allowed {worst.bound:.3g}); nothing was written",
+                result,
+            )
+        reports[-1].end_to_end = result
+    return current, reports
+
+
+def _run_step(model, step: Step, seed: int):
+    if step.kind == "widen":
+        from .widen import widen
+
+        return widen(model, step.args["layer"], step.args["width"], seed=seed,
+                     **{k: v for k, v in step.args.items() if k not in ("layer", "width")})
+    from .deepen import deepen
+
+    return deepen(model, step.args["after"], seed=seed, **{k: v for k, v in step.args.items() if k != "after"})
