@@ -135,17 +135,17 @@ def print_verify(result) -> None:
 
 
 def finish_surgery(teacher, student, report: dict, *, output: str, verify: bool, probes: int, seed: int,
-                   device: str, atol, rtol, json_out: bool, what: str, print_report=None) -> None:
+                   device: str, atol, rtol, json_out: bool, what: str, print_report=None, result=None) -> None:
     """Verify the student against the teacher (unless --no-verify), write it, and report.
 
     A student that fails verification is not written (exit 1). `report` is the surgery's own
-    JSON-ready report; `print_report` renders it for humans on stderr.
+    JSON-ready report; `print_report` renders it for humans on stderr. A caller that verified
+    already (widen with noise verifies the noise-free student) passes its `result`.
     """
     from ..model import save_model
     from ..surgery import check_student
 
-    result = None
-    if verify:
+    if verify and result is None:
         result = check_student(teacher, student, probes=probes, seed=seed, device=device, atol=atol, rtol=rtol, what=what)
     save_model(student, output)
     if json_out:

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Attr, Interval, OpDef, choice_attr, float_attr, register
+from .base import Attr, Interval, OpDef, choice_attr, float_attr, register, widen_passthrough
 
 # min over v of gelu(v) and silu(v): both dip slightly below zero.
 _GELU_MIN = -0.1700
@@ -56,6 +56,7 @@ def _elementwise(name, forward, value_range, attrs=None, doc=""):
             infer_shape=_same_shape,
             attrs=attrs or {},
             value_range=value_range,
+            widen=widen_passthrough,  # elementwise: replicas stay replicas
             doc=doc,
         )
     )

@@ -262,3 +262,23 @@ def broadcast(shapes) -> Shape:
         raise ShapeError(
             "input shapes " + ", ".join(fmt_shape(s) for s in shapes) + " do not broadcast"
         ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Widening rules shared by several ops. A rule gets the WidenContext, the node, and an Event:
+# "input" (input `event.index` was assigned `event.map` along `event.axis`) or "output".
+
+
+def widen_passthrough(ctx, node, event):
+    """Elementwise ops: units pass through unchanged, in both directions, along any axis."""
+    if event.kind == "input":
+        ctx.assign(node.name, event.axis, event.map)
+    else:
+        ctx.assign(node.inputs[0], event.axis, event.map)
+
+
+def widen_channels_passthrough(ctx, node, event):
+    """Spatial ops (pooling): channels (axis 0) pass through; their spatial axes cannot grow."""
+    if event.axis != 0:
+        ctx.refuse(node, f"{node.op} works along the axis being widened (axis {event.axis + 1} of the batched value), so new units would change its windows")
+    widen_passthrough(ctx, node, event)

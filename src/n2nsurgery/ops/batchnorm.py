@@ -25,11 +25,27 @@ def _forward(xs, p, a):
     )
 
 
+_PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
+
+
+def _widen(ctx, node, event):
+    """Per-channel statistics and affine parameters follow the channels, copied from the source
+    channel (never reset to defaults); other axes pass straight through."""
+    if event.axis == 0:
+        for role in _PER_CHANNEL:
+            ctx.remap(node, role, 0, event.map, "copy")
+    if event.kind == "input":
+        ctx.assign(node.name, event.axis, event.map)
+    else:
+        ctx.assign(node.inputs[0], event.axis, event.map)
+
+
 BATCHNORM = register(
     OpDef(
         name="batchnorm",
         forward=_forward,
         infer_shape=_infer,
+        widen=_widen,
         attrs={"eps": Attr(float_attr(0.0, exclusive_min=True), 1e-5)},
         params={
             "weight": Param(optional=True),

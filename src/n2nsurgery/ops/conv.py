@@ -49,6 +49,41 @@ def _make_infer(nd: int):
     return infer
 
 
+def _widen(ctx, node, event):
+    """Channels (axis 0) are the units. Plain convs produce or consume them; a depthwise conv
+    (groups = input channels) maps channel c only to its own outputs, so its output units follow
+    its input units and `groups` grows with the width."""
+    if event.axis != 0:
+        ctx.refuse(node, f"{node.op} would see its spatial axis {event.axis} grow, which changes what it computes")
+    groups = ctx.attrs(node)["groups"]
+    cin = ctx.shape(node.inputs[0])[0]
+    cout = ctx.shape(node.name)[0]
+    if groups == 1:
+        if event.kind == "output":
+            ctx.remap(node, "weight", 0, event.map, "rows")
+            ctx.remap(node, "bias", 0, event.map, "rows")
+        else:
+            ctx.remap(node, "weight", 1, event.map, "cols")
+        return
+    if groups != cin:
+        ctx.refuse(
+            node,
+            f"a grouped convolution (groups={groups}, {cin} input channels) would need every group to grow alike; "
+            "widen a layer that does not feed it, or make it depthwise (groups = channels)",
+        )
+    mult = cout // cin  # depthwise with channel multiplier: output c*mult + t reads input c
+    if event.kind == "output":
+        if mult != 1:
+            ctx.refuse(node, "a depthwise convolution with a channel multiplier can only be widened from its input side; widen the layer that feeds it")
+        ctx.assign(node.inputs[0], 0, event.map)
+        return
+    out_map = event.map if mult == 1 else event.map.along((cin, mult), 0)
+    ctx.remap(node, "weight", 0, out_map, "copy")
+    ctx.remap(node, "bias", 0, out_map, "copy")
+    ctx.set_attr(node, "groups", event.map.size)
+    ctx.assign(node.name, 0, out_map)
+
+
 def _make_forward(nd: int):
     fn = _CONV_FN[nd]
 
@@ -64,6 +99,7 @@ CONV = {
             name=f"conv{nd}d",
             forward=_make_forward(nd),
             infer_shape=_make_infer(nd),
+            widen=_widen,
             attrs={
                 "stride": Attr(ints_attr(1), 1),
                 "padding": Attr(int_or_choice_attr("same", "valid"), 0),

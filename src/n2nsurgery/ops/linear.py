@@ -20,11 +20,27 @@ def _infer(in_shapes, p, attrs):
     return tuple(x[:-1]) + (w[0],)
 
 
+def _widen(ctx, node, event):
+    """Units are the features of the last axis; every other axis passes straight through."""
+    features = len(ctx.shape(node.name)) - 1
+    if event.axis != features:  # a batch-like axis of the input: linear is applied per position
+        if event.kind == "input":
+            ctx.assign(node.name, event.axis, event.map)
+        else:
+            ctx.assign(node.inputs[0], event.axis, event.map)
+    elif event.kind == "output":  # this layer produces the widened units: copy its rows
+        ctx.remap(node, "weight", 0, event.map, "rows")
+        ctx.remap(node, "bias", 0, event.map, "rows")
+    else:  # this layer consumes them: replicas split the original column
+        ctx.remap(node, "weight", 1, event.map, "cols")
+
+
 LINEAR = register(
     OpDef(
         name="linear",
         forward=lambda xs, p, a: F.linear(xs[0], p["weight"], p.get("bias")),
         infer_shape=_infer,
+        widen=_widen,
         params={"weight": Param(), "bias": Param(optional=True)},
         doc="Fully connected layer over the last axis.",
     )

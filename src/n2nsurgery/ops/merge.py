@@ -37,8 +37,59 @@ def _concat_infer(in_shapes, p, a):
     return tuple(out)
 
 
-ADD = register(OpDef(name="add", forward=_add, infer_shape=_broadcast_infer, arity=-1, value_range=add_range))
-MUL = register(OpDef(name="mul", forward=_mul, infer_shape=_broadcast_infer, arity=-1, value_range=mul_range))
+def _widen_elementwise(ctx, node, event):
+    """add/mul: all operands share one unit space (a residual skip and its branch must agree), so
+    assigning one operand assigns the output and every other operand that is not broadcast along
+    that axis; their producers are pulled into the group."""
+    out_shape = ctx.shape(node.name)
+    rank = len(out_shape)
+    if event.kind == "input":
+        in_shape = ctx.shape(node.inputs[event.index])
+        out_axis = event.axis + (rank - len(in_shape))
+        if in_shape[event.axis] != out_shape[out_axis]:
+            ctx.refuse(node, "the widened operand is broadcast here, so its new units would not line up with the other operands")
+    else:
+        out_axis = event.axis
+    ctx.assign(node.name, out_axis, event.map)
+    for name in node.inputs:
+        shape = ctx.shape(name)
+        axis = out_axis - (rank - len(shape))
+        if axis >= 0 and shape[axis] != 1:  # size 1 broadcasts: it needs no new units
+            ctx.assign(name, axis, event.map)
+
+
+def _widen_concat(ctx, node, event):
+    """Along the concat dim each input owns a segment at an offset: the output's map is the
+    segments' maps laid end to end (identity for inputs outside the group). That needs every
+    input's map, so it is resolved once the rest of the walk is done. Along other axes, all
+    inputs and the output share the map."""
+    rank = len(ctx.shape(node.name))
+    dim = sample_dim(ctx.attrs(node)["dim"], rank)
+    if event.axis != dim:
+        ctx.assign(node.name, event.axis, event.map)
+        for name in node.inputs:
+            ctx.assign(name, event.axis, event.map)
+        return
+    if event.kind == "output":
+        ctx.refuse(node, "its concatenated axis cannot be widened from the consumer side; widen one of its inputs instead")
+
+    def resolve():
+        from ..widen import UnitMap
+
+        parts = []
+        for name in node.inputs:
+            assigned = ctx.assigned.get(name)
+            if assigned is not None and assigned[0] == dim:
+                parts.append(assigned[1])
+            else:
+                parts.append(UnitMap.identity(ctx.shape(name)[dim]))
+        ctx.assign(node.name, dim, UnitMap.cat(parts))
+
+    ctx.defer(node, resolve)
+
+
+ADD = register(OpDef(name="add", forward=_add, infer_shape=_broadcast_infer, arity=-1, value_range=add_range, widen=_widen_elementwise))
+MUL = register(OpDef(name="mul", forward=_mul, infer_shape=_broadcast_infer, arity=-1, value_range=mul_range, widen=_widen_elementwise))
 CONCAT = register(
     OpDef(
         name="concat",
@@ -47,5 +98,6 @@ CONCAT = register(
         arity=-1,
         attrs={"dim": Attr(dim_attr, 1)},
         value_range=hull_range,
+        widen=_widen_concat,
     )
 )

@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from .base import Attr, Interval, OpDef, REQUIRED, expect, fmt_shape, ints_attr, per_axis, register, same_range
+from .base import Attr, Interval, OpDef, REQUIRED, expect, fmt_shape, ints_attr, per_axis, register, same_range, widen_channels_passthrough
 from .conv import conv_out_len
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -62,6 +62,7 @@ for _nd in (1, 2, 3):
             infer_shape=_window_infer(_nd),
             attrs=_WINDOW_ATTRS,
             value_range=same_range,
+            widen=widen_channels_passthrough,
         )
     )
     register(
@@ -71,6 +72,7 @@ for _nd in (1, 2, 3):
             infer_shape=_window_infer(_nd),
             attrs=_WINDOW_ATTRS,
             value_range=_avg_window_range,
+            widen=widen_channels_passthrough,
         )
     )
     register(
@@ -80,6 +82,7 @@ for _nd in (1, 2, 3):
             infer_shape=_adaptive_infer(_nd),
             attrs={"output_size": Attr(ints_attr(1), REQUIRED)},
             value_range=same_range,
+            widen=widen_channels_passthrough,
         )
     )
     register(
@@ -89,5 +92,6 @@ for _nd in (1, 2, 3):
             infer_shape=_adaptive_infer(_nd),
             attrs={"output_size": Attr(ints_attr(1), REQUIRED)},
             value_range=same_range,  # averages of inputs, no padding: stays in the hull
+            widen=widen_channels_passthrough,
         )
     )

@@ -1,0 +1,89 @@
+"""n2n widen: Net2WiderNet on one layer and everything coupled to it."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import VerificationFailed
+from ..model import load_model
+from ..surgery import check_student, verification_summary
+from ..verify import verify as run_verify
+from ..widen import widen
+from . import app
+from .common import (
+    ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, OutputOpt, ProbesOpt, RtolOpt,
+    SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
+)
+
+
+class Split(str, Enum):
+    equal = "equal"
+    random = "random"
+
+
+def print_widen_report(report: dict) -> None:
+    console.print(
+        f"widened [bold]{escape(report['layer'])}[/] {report['old_width']} → {report['new_width']} units "
+        f"(split {report['split']}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
+    )
+    table = Table(title="tensors changed", title_justify="left")
+    table.add_column("tensor")
+    table.add_column("old shape")
+    table.add_column("new shape")
+    for c in report["changes"]:
+        table.add_row(escape(c["key"]), str(c["old_shape"]), str(c["new_shape"]))
+    for node, attrs in report["attr_changes"].items():
+        for k, v in attrs.items():
+            table.add_row(escape(f"{node} (attribute {k})"), "", str(v))
+    console.print(table)
+    if report.get("noise_deviation") is not None:
+        d = report["noise_deviation"]
+        console.print(
+            f"noise σ={report['noise']:g} moves the outputs by max |Δ| {d['max_abs']:.3g} (relative {d['max_rel']:.3g}); "
+            "the verification below is of the same widening without noise"
+        )
+
+
+@app.command("widen")
+@command
+def widen_cmd(
+    checkpoint: CheckpointArg,
+    layer: Annotated[str, typer.Option("--layer", help="The linear or conv node to widen.", show_default=False, rich_help_panel="Widening")],
+    width: Annotated[int, typer.Option("--width", help="Its new number of output units (larger than now).", show_default=False, rich_help_panel="Widening")],
+    output: OutputOpt,
+    arch: ArchOpt = None,
+    split: Annotated[Split, typer.Option("--split", help="equal: replicas share outgoing weights equally (the paper); random: random proportions summing to one (exact, breaks symmetry).", rich_help_panel="Widening")] = Split.equal,
+    noise: Annotated[float, typer.Option("--noise", min=0.0, help="The paper's noise (σ relative to each tensor's std) on new replicas only; not exact: the deviation is reported.", rich_help_panel="Widening")] = 0.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = DeviceChoice.auto,
+    verify: VerifyOpt = True,
+    probes: ProbesOpt = 64,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
+    check_json_target(json_out, output)
+    teacher = load_model(checkpoint, arch)
+    student, report = widen(teacher, layer, width, split=split.value, noise=noise, seed=seed)
+    info = report.to_dict()
+    result = None
+    if report.noise_free is not None and verify:
+        # Noise is not exact by design: prove the noise-free widening strictly, then measure what
+        # the noise adds. The noisy student must stay within a tolerance only when one is given.
+        result = check_student(teacher, report.noise_free, probes=probes, seed=seed, device=device.value, what=f"widening {layer!r}")
+        tol_given = atol is not None or rtol is not None
+        deviation = run_verify(teacher, student, probes=probes, seed=seed, device=device.value,
+                               atol=atol if tol_given else float("inf"), rtol=rtol if tol_given else 0.0)
+        info["noise_deviation"] = {"max_abs": deviation.max_abs, "max_rel": deviation.max_rel}
+        student.history[-1] = dict(student.history[-1], verification=dict(verification_summary(result), noise_deviation=info["noise_deviation"]))
+        if not deviation.passed:
+            raise VerificationFailed(f"the noise (σ={noise:g}) moves the outputs beyond the given tolerance; nothing was written", deviation)
+    finish_surgery(teacher, student, info, output=output, verify=verify, probes=probes, seed=seed,
+                   device=device.value, atol=atol, rtol=rtol, json_out=json_out, what=f"widening {layer!r}",
+                   print_report=print_widen_report, result=result)
