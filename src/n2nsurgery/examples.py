@@ -100,17 +100,18 @@ outputs: [fc]
 class ResNet(nn.Module):
     """A stem and two residual blocks: one with an identity skip, one with a 1×1 projection skip."""
 
-    def __init__(self, c: int = 8, c2: int = 12, mid: int = 8):
+    def __init__(self, c: int = 8, c2: int = 12, mid: int = 8, mid2: int | None = None):
         super().__init__()
+        mid2 = c2 if mid2 is None else mid2  # block 2's inner width
         self.stem = nn.Conv2d(3, c, 3, padding=1)
         self.stem_bn = nn.BatchNorm2d(c)
         self.b1_conv1 = nn.Conv2d(c, mid, 3, padding=1)
         self.b1_bn1 = nn.BatchNorm2d(mid)
         self.b1_conv2 = nn.Conv2d(mid, c, 3, padding=1)
         self.b1_bn2 = nn.BatchNorm2d(c)
-        self.b2_conv1 = nn.Conv2d(c, c2, 3, padding=1, stride=2)
-        self.b2_bn1 = nn.BatchNorm2d(c2)
-        self.b2_conv2 = nn.Conv2d(c2, c2, 3, padding=1)
+        self.b2_conv1 = nn.Conv2d(c, mid2, 3, padding=1, stride=2)
+        self.b2_bn1 = nn.BatchNorm2d(mid2)
+        self.b2_conv2 = nn.Conv2d(mid2, c2, 3, padding=1)
         self.b2_bn2 = nn.BatchNorm2d(c2)
         self.b2_proj = nn.Conv2d(c, c2, 1, stride=2, bias=False)
         self.fc = nn.Linear(c2, 10)
@@ -229,5 +230,24 @@ def write_examples(folder: str) -> None:
         (out / f"{name}.yaml").write_text(yaml_text)
 
 
+# The Inception example at half its channel widths: the teacher of recipes/inception-wider.yaml,
+# which grows every convolution back to the full widths of Inception() (the paper's
+# Net2WiderNet experiment: a narrower Inception network widened to the standard one).
+INCEPTION_HALF_WIDTHS = {"stem": 4, "b1": 2, "b2a": 2, "b2": 3, "b3": 2}
+
+
+def write_inception_half(folder: str) -> None:
+    """Write ``inception-half.safetensors`` (a plain state_dict) and ``inception-half.yaml``."""
+    from .checkpoint import write_checkpoint
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    module = build("inception", **INCEPTION_HALF_WIDTHS)
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    write_checkpoint(str(out / "inception-half.safetensors"), state, {"format": "pt"})
+    (out / "inception-half.yaml").write_text(INCEPTION_YAML.replace("name: inception\n", "name: inception-half\n", 1))
+
+
 if __name__ == "__main__":
     write_examples(sys.argv[1] if len(sys.argv) > 1 else "recipes")
+    write_inception_half(sys.argv[1] if len(sys.argv) > 1 else "recipes")

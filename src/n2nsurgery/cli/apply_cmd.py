@@ -34,7 +34,7 @@ def apply_cmd(
     def progress(rep):
         if json_out:
             return
-        err = f"max |Δ| {rep.verification.max_abs:.3g}" if rep.verification is not None else "not verified"
+        err = f"max |Δ| {_error_text(rep)}" if rep.verification is not None else "not verified"
         console.print(f"step {rep.index}/{len(rec.steps)} {rep.kind} {escape(rep.target)}: {escape(rep.summary)} ({err})")
 
     student, reports = apply_recipe(
@@ -67,12 +67,12 @@ def _print_summary(reports, end_to_end, teacher, student) -> None:
             escape(f"{r.kind} {r.target}"),
             str(r.seed),
             escape(r.summary),
-            f"{v.max_abs:.3g}" if v is not None else "",
+            _error_text(r) if v is not None else "",
             ("[green]pass[/]" if v.passed else "[bold red]FAIL[/]") if v is not None else "[yellow]not verified[/]",
         )
     if end_to_end is not None:
         table.add_row(
-            "all", "final vs original teacher", str(end_to_end.seed), "",
+            "all", "final vs original teacher", str(end_to_end.seed), "",  # (the recipe's seed)
             f"{end_to_end.max_abs:.3g}", "[green]pass[/]" if end_to_end.passed else "[bold red]FAIL[/]",
         )
     console.print(table)
@@ -83,3 +83,10 @@ def _print_summary(reports, end_to_end, teacher, student) -> None:
     else:
         console.print("[yellow]not verified[/] (verify: false or --no-verify)")
     console.print(f"parameters {teacher.parameter_count():,} → {student.parameter_count():,}")
+
+
+def _error_text(rep) -> str:
+    text = f"{rep.verification.max_abs:.3g}"
+    if rep.noise_deviation is not None:
+        text += f" (noise: {rep.noise_deviation['max_abs']:.3g})"
+    return text
