@@ -40,6 +40,7 @@ def _root(
 
 from . import inspect_cmd, verify_cmd, widen_cmd  # noqa: E402,F401  (each registers its command)
 from . import apply_cmd, diff_cmd  # noqa: E402,F401
+from . import deepen_cmd  # noqa: E402,F401
 
 
 def main() -> None:

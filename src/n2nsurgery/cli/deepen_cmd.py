@@ -1,0 +1,130 @@
+"""n2n deepen: insert an identity layer or a zero-initialised residual branch after a node."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..deepen import deepen
+from ..model import load_model
+from . import app
+from .common import (
+    ArchOpt,
+    AtolOpt,
+    CheckpointArg,
+    DeviceChoice,
+    DeviceOpt,
+    JsonOpt,
+    OutputOpt,
+    ProbesOpt,
+    RtolOpt,
+    SeedOpt,
+    VerifyOpt,
+    check_json_target,
+    command,
+    console,
+    finish_surgery,
+)
+
+
+class OpChoice(str, Enum):
+    auto = "auto"
+    linear = "linear"
+    conv = "conv"
+    residual = "residual"
+
+
+_LAYER = "New layer"
+
+
+@app.command("deepen")
+@command
+def deepen_cmd(
+    checkpoint: CheckpointArg,
+    after: Annotated[str, typer.Option("--after", help="Node (or float model input) the new layer follows; its consumers read the new layer instead.", rich_help_panel=_LAYER, show_default=False)],
+    output: OutputOpt,
+    arch: ArchOpt = None,
+    op: Annotated[OpChoice, typer.Option("--op", help="auto: linear for 1-D features, conv for [C, *spatial]; linear/conv: identity layer; residual: x + W2·φ(W1·x) with W2 = 0 (exact after any value).", rich_help_panel=_LAYER)] = OpChoice.auto,
+    activation: Annotated[Optional[str], typer.Option("--activation", help="φ after the new layer: relu, relu6, leaky_relu, sigmoid, tanh, silu, gelu or none. Default: the activation of --after when it is one (else none); relu inside a residual branch.", rich_help_panel=_LAYER, show_default=False)] = None,
+    kernel_size: Annotated[int, typer.Option("--kernel-size", help="Odd kernel size of a new convolution (padding k//2, stride 1).", rich_help_panel=_LAYER)] = 3,
+    batchnorm: Annotated[bool, typer.Option("--batchnorm", help="Add a batchnorm after the new layer, the identity at inference (training mode normalises by batch statistics).", rich_help_panel=_LAYER)] = False,
+    hidden: Annotated[Optional[int], typer.Option("--hidden", help="Width of a residual branch (default: the width of --after).", rich_help_panel=_LAYER, show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Name of the new node (default: <after>_deep, or _deep2, ... when taken).", rich_help_panel=_LAYER, show_default=False)] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = DeviceChoice.auto,
+    verify: VerifyOpt = True,
+    probes: ProbesOpt = 64,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Net2DeeperNet: insert a new layer after --after, initialised so the function is unchanged.
+
+    An identity layer followed by an activation φ is inserted only where φ(v) = v for every value --after can produce (relu after a relu, for instance); anything else is refused with the alternative that would work.
+    """
+    check_json_target(json_out, output)
+    teacher = load_model(checkpoint, arch)
+    student, report = deepen(
+        teacher,
+        after,
+        op=op.value,
+        activation=activation,
+        kernel_size=kernel_size,
+        batchnorm=batchnorm,
+        hidden=hidden,
+        name=name,
+        seed=seed,
+    )
+    finish_surgery(
+        teacher,
+        student,
+        report.to_dict(),
+        output=output,
+        verify=verify,
+        probes=probes,
+        seed=seed,
+        device=device.value,
+        atol=atol,
+        rtol=rtol,
+        json_out=json_out,
+        what=f"deepening after {after!r}",
+        print_report=_print_report,
+    )
+
+
+def _shape(s) -> str:
+    return "[" + ", ".join(map(str, s)) + "]"
+
+
+def _print_report(report: dict) -> None:
+    what = report["op"] + (f", kernel {report['kernel_size']}" if report["kernel_size"] else "")
+    act = report["activation"] or "no activation"
+    console.print(
+        f"deepen after [bold]{escape(report['after'])}[/] (values in {report['value_range']}): "
+        f"{escape(what)}, {'batchnorm, ' if report['batchnorm'] else ''}{escape(act)}"
+        + (f", hidden {report['hidden']}" if report["hidden"] else "")
+    )
+    table = Table(title="new nodes", title_justify="left")
+    for col in ("node", "op", "inputs"):
+        table.add_column(col)
+    for n in report["nodes"]:
+        table.add_row(escape(n["name"]), n["op"], escape(", ".join(n["in"])))
+    console.print(table)
+    table = Table(title="new tensors", title_justify="left")
+    for col in ("tensor", "shape", "dtype"):
+        table.add_column(col)
+    for t in report["tensors"]:
+        table.add_row(escape(t["key"]), _shape(t["shape"]), t["dtype"])
+    console.print(table)
+    moved = report["rewired"] + [f"output {o['from']}" for o in report["outputs"]]
+    last = report["nodes"][-1]["name"]
+    if moved:
+        console.print(f"now reading {escape(last)}: {escape(', '.join(moved))}")
+    a = report["arch"]
+    console.print(
+        f"nodes {a['nodes_before']} → {a['nodes_after']}, parameters {a['parameters_before']:,} → {a['parameters_after']:,}"
+    )
