@@ -7,8 +7,27 @@ import math
 from .ops import get_op
 
 
+def _deepen_after(model, node, ranges) -> str:
+    """What `n2n deepen --after NODE` can insert by default: an identity layer (exact with the
+    default activation on this node's values) or only a zero-initialised residual branch."""
+    from .deepen import ACTIVATIONS, is_identity_on
+
+    phi = node.op if node.op in ACTIVATIONS else None
+    if not is_identity_on(phi, node.resolved_attrs(), ranges[node.name]):
+        return "residual"
+    return f"identity+{phi}" if phi else "identity"
+
+
 def describe(model) -> dict:
-    """A JSON-ready description of `model` (the same data `n2n inspect` prints as a table)."""
+    """A JSON-ready description of `model` (the same data `n2n inspect` prints as a table).
+
+    Besides shapes and parameters, each node says whether it can be widened (linear/conv: the
+    coupled group of layers that widen together, or why not) and what can be inserted after it.
+    """
+    from .deepen import value_ranges
+    from .widen import PRODUCER_OPS
+
+    ranges = value_ranges(model)
     nodes = []
     keys = set()
     for node in model.arch.nodes:
@@ -28,6 +47,8 @@ def describe(model) -> dict:
                 "output_shape": list(model.shapes[node.name]),
                 "params": params,
                 "param_count": count,
+                "widen": _widen_info(model, node) if node.op in PRODUCER_OPS else None,
+                "deepen_after": _deepen_after(model, node, ranges),
             }
         )
     return {
@@ -43,3 +64,10 @@ def describe(model) -> dict:
         },
         "history": list(model.history),
     }
+
+
+def _widen_info(model, node) -> dict:
+    from .widen import widen_group
+
+    group, refused = widen_group(model, node.name)
+    return {"group": group} if refused is None else {"refused": refused}

@@ -436,7 +436,7 @@ def widen_group(model, layer: str) -> tuple:
     except N2NError as e:
         return None, str(e)
     rows = {node for dims in ctx.remaps.values() for _, kind, node in dims.values() if kind == "rows"}
-    return sorted(rows), None
+    return [layer] + sorted(rows - {layer}), None
 
 
 def _one_more(model, layer: str) -> int:

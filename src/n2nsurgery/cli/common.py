@@ -18,16 +18,23 @@ from rich.table import Table
 from ..errors import N2NError, VerificationFailed
 
 # Human output goes to stderr; stdout is for --json and for checkpoints written to '-'.
-console = Console(stderr=True, highlight=False)
+# Piped or captured stderr gets a wide fixed width, so tables in CI logs are not squeezed to 80.
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
 class State:
     debug: bool = bool(os.environ.get("N2N_DEBUG"))
+    quiet: bool = False  # --quiet: nothing on stderr but errors (no progress bars, no reports)
 
-    def configure(self, debug: bool) -> None:
+    def configure(self, debug: bool, quiet: bool = False) -> None:
         """Set per invocation, never sticky: one `--debug` run must not leak into the next
         (tests and library users call the app many times in one process)."""
+        from .. import progress
+
         self.debug = debug or bool(os.environ.get("N2N_DEBUG"))
+        self.quiet = quiet
+        console.quiet = quiet
+        progress.set_quiet(quiet)
 
 
 state = State()
@@ -41,12 +48,12 @@ class DeviceChoice(str, Enum):
 
 # ------------------------------------------------------------------------------- option types
 
-CheckpointArg = Annotated[str, typer.Argument(help="Safetensors checkpoint; '-' reads standard input.", show_default=False)]
+CheckpointArg = Annotated[str, typer.Argument(help="Safetensors checkpoint, or a sharded one (its folder or index .json); '-' reads standard input.", show_default=False)]
 ArchOpt = Annotated[
     Optional[str],
     typer.Option("--arch", help="Architecture YAML. Optional once the checkpoint has been through n2n (it carries its own); given both, this wins.", rich_help_panel="Model"),
 ]
-OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output checkpoint; '-' writes to standard output.", rich_help_panel="Output", show_default=False)]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output checkpoint (a folder with --max-shard-size); '-' writes to standard output.", rich_help_panel="Output", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice: same seed, same bytes out.", rich_help_panel="Randomness")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where to verify: auto is the GPU when one is present.", rich_help_panel="Verification")]
 ProbesOpt = Annotated[int, typer.Option("--probes", min=1, help="Random probe samples per input.", rich_help_panel="Verification")]
@@ -54,6 +61,28 @@ AtolOpt = Annotated[Optional[float], typer.Option("--atol", min=0.0, help="Absol
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", min=0.0, help="Tolerance relative to max|y_A| (default by dtype: float32 1e-4).", rich_help_panel="Verification", show_default=False)]
 VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check the student computes the teacher's function before writing.", rich_help_panel="Verification")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on standard output.", rich_help_panel="Output")]
+
+
+def _shard_size(value) -> Optional[int]:
+    """Parse --max-shard-size while Click parses options, so a bad size is a usage error (exit 2)."""
+    if value is None or isinstance(value, int):
+        return value
+    from ..shards import parse_size
+
+    try:
+        return parse_size(value)
+    except N2NError as e:
+        raise typer.BadParameter(str(e).removeprefix("--max-shard-size: ")) from None
+
+
+MaxShardSizeOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-shard-size", parser=_shard_size, metavar="SIZE", show_default=False, rich_help_panel="Output",
+        help="Write a sharded checkpoint: -o names a folder of shards of at most SIZE tensor bytes "
+        "(500MB, 2GiB, ...) plus model.safetensors.index.json.",
+    ),
+]
 
 
 # ---------------------------------------------------------------------------- error handling
@@ -135,19 +164,21 @@ def print_verify(result) -> None:
 
 
 def finish_surgery(teacher, student, report: dict, *, output: str, verify: bool, probes: int, seed: int,
-                   device: str, atol, rtol, json_out: bool, what: str, print_report=None, result=None) -> None:
+                   device: str, atol, rtol, json_out: bool, what: str, print_report=None, result=None,
+                   max_shard_size: Optional[int] = None) -> None:
     """Verify the student against the teacher (unless --no-verify), write it, and report.
 
     A student that fails verification is not written (exit 1). `report` is the surgery's own
     JSON-ready report; `print_report` renders it for humans on stderr. A caller that verified
     already (widen with noise verifies the noise-free student) passes its `result`.
+    `max_shard_size` (from :data:`MaxShardSizeOpt`) writes a sharded checkpoint folder.
     """
     from ..model import save_model
     from ..surgery import check_student
 
     if verify and result is None:
         result = check_student(teacher, student, probes=probes, seed=seed, device=device, atol=atol, rtol=rtol, what=what)
-    save_model(student, output)
+    save_model(student, output, max_shard_size=max_shard_size)
     if json_out:
         emit_json({**report, "output": output, "verification": result.to_dict() if result else None})
         return

@@ -26,12 +26,12 @@ def inspect_cmd(checkpoint: CheckpointArg, arch: ArchOpt = None, json_out: JsonO
         return
     title = f"{escape(info['name'] or '')} ({escape(info['source'])})".strip()
     table = Table(title=title, title_justify="left")
-    for col in ("node", "op", "inputs", "output", "parameters", "count"):
+    for col in ("node", "op", "inputs", "output", "parameters", "count", "widen group", "deepen after"):
         table.add_column(col, justify="right" if col == "count" else "left", overflow="fold")
     for spec_name, spec in info["inputs"].items():
-        table.add_row(escape(spec_name), "input", "", _shape(spec["shape"]), spec["dtype"], "", style="dim")
+        table.add_row(escape(spec_name), "input", "", _shape(spec["shape"]), spec["dtype"], "", "", "", style="dim")
     for n in info["nodes"]:
-        params = " ".join(f"{r}{_shape(p['shape'])}" for r, p in n["params"].items())
+        params = _params_cell(n["params"])
         table.add_row(
             escape(n["name"]),
             n["op"],
@@ -39,12 +39,32 @@ def inspect_cmd(checkpoint: CheckpointArg, arch: ArchOpt = None, json_out: JsonO
             _shape(n["output_shape"]),
             params,
             f"{n['param_count']:,}" if n["param_count"] else "",
+            _widen_cell(n["widen"]),
+            n["deepen_after"],
         )
     console.print(table)
     t = info["totals"]
     console.print(f"{t['nodes']} nodes, {t['parameters']:,} parameters in {t['tensors']} tensors; outputs: {escape(', '.join(info['outputs']))}")
     if info["history"]:
         _print_history(info["history"])
+
+
+def _params_cell(params: dict) -> str:
+    """Roles with their shapes, short: 'weight[8, 3, 3, 3] bias[8]'; batchnorm's four per-channel
+    vectors as '4×[8]' (every role is in --json)."""
+    vectors = [r for r, p in params.items() if r in ("weight", "bias", "running_mean", "running_var") and len(p["shape"]) == 1]
+    if "running_mean" in params and len({tuple(params[r]["shape"]) for r in vectors}) == 1:
+        return f"{len(vectors)}×{_shape(params['running_mean']['shape'])}"
+    return " ".join(f"{r}{_shape(p['shape'])}" for r, p in params.items())
+
+
+def _widen_cell(widen) -> str:
+    """The layers that widen together with this one, or why it cannot be widened."""
+    if widen is None:
+        return ""
+    if "group" in widen:
+        return escape("yes, with " + ", ".join(widen["group"][1:]) if len(widen["group"]) > 1 else "yes")
+    return "[dim]no: " + escape(widen["refused"].split(": ", 1)[-1]) + "[/]" if "reaches model output" not in widen["refused"] else "[dim]no (output)[/]"
 
 
 def _print_history(history: list) -> None:
