@@ -17,6 +17,7 @@ with the safetensors library.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -30,6 +31,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
+from . import progress
 from .errors import N2NError
 
 # safetensors dtype code <-> torch dtype
@@ -83,11 +85,14 @@ class Checkpoint:
         (32, 16)
     """
 
-    def __init__(self, source: str, buffer, infos: dict, metadata: dict):
+    def __init__(self, source: str, buffer, infos: dict, metadata: dict, file=None):
         self.source = source  # the file name, or "<stdin>"
         self._buffer = buffer  # mmap (copy-on-write) or bytearray
         self.infos: dict[str, TensorInfo] = infos  # in file order
         self.metadata: dict[str, str] = metadata
+        # The open input file (None for stdin): lets the writer copy untouched tensors
+        # file-to-file in the kernel, so their bytes never enter this process.
+        self._file = file
 
     def keys(self) -> list:
         return list(self.infos)
@@ -118,6 +123,13 @@ class Checkpoint:
         info = self.infos[key]
         return memoryview(self._buffer)[info.start : info.end]
 
+    def span(self, key: str) -> Optional["FileSpan"]:
+        """Where the bytes of `key` lie in the input file; None when read from standard input."""
+        if self._file is None:
+            return None
+        info = self.infos[key]
+        return FileSpan(self._file.fileno(), info.start, info.end)
+
 
 def open_checkpoint(path: str) -> Checkpoint:
     """Open a safetensors checkpoint for lazy reading; ``-`` reads standard input.
@@ -128,10 +140,15 @@ def open_checkpoint(path: str) -> Checkpoint:
     if path == STDIN:
         if sys.stdin is None or sys.stdin.isatty():
             raise N2NError("standard input is a terminal: pipe a checkpoint into '-' or give a file path")
-        data = bytearray(sys.stdin.buffer.read())
+        data = _read_all(sys.stdin.buffer, "<stdin>")
         if not data:
             raise N2NError("standard input is empty: the command before '|' wrote no checkpoint (did it fail?)")
         return _parse(data, "<stdin>", len(data))
+
+    if os.path.isdir(path) or path.endswith(".json"):
+        from .shards import open_sharded  # a Hugging Face style index and its shards
+
+        return open_sharded(path)
 
     try:
         f = open(path, "rb")
@@ -141,19 +158,34 @@ def open_checkpoint(path: str) -> Checkpoint:
         raise N2NError(f"{path}: is a folder, not a safetensors file") from None
     except OSError as e:
         raise N2NError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        st = os.fstat(f.fileno())
-        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
-            # Copy-on-write: pages load on demand and nothing can reach the file on disk.
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            size = st.st_size
-        else:  # a pipe or process substitution: read it all
-            buffer = bytearray(f.read())
-            size = len(buffer)
-    return _parse(buffer, path, size)
+    st = os.fstat(f.fileno())
+    if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+        # Copy-on-write: pages load on demand and nothing can reach the file on disk. The file
+        # stays open (read-only) for kernel-side copies of untouched tensors (see FileSpan).
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            return _parse(buffer, path, st.st_size, f)
+        except BaseException:
+            f.close()
+            raise
+    with f:  # a pipe or process substitution: read it all
+        buffer = _read_all(f, path)
+    return _parse(buffer, path, len(buffer))
 
 
-def _parse(buffer, source: str, size: int) -> Checkpoint:
+def _read_all(f, source: str) -> bytearray:
+    """Read a stream to its end in chunks, with a progress bar once it turns out to be large."""
+    data = bytearray()
+    with progress.task(f"reading {source}", None) as bar:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                return data
+            data += chunk
+            bar.advance(len(chunk))
+
+
+def _parse(buffer, source: str, size: int, file=None) -> Checkpoint:
     def bad(msg):
         raise N2NError(f"{source}: {msg}")
 
@@ -213,26 +245,81 @@ def _parse(buffer, source: str, size: int) -> Checkpoint:
         pos = e
     if pos != data_len:
         bad(f"corrupt: {data_len - pos} bytes after the last tensor")
-    return Checkpoint(source, buffer, infos, dict(metadata))
+    return Checkpoint(source, buffer, infos, dict(metadata), file)
 
 
 # ----------------------------------------------------------------------------------- writing
+#
+# The writer streams: the header is computed from the planned dtypes and shapes first, then each
+# tensor's bytes are written in header order and dropped before the next is fetched, so memory
+# holds one changed tensor at a time. Untouched tensors (a LazyTensor with a FileSpan) are copied
+# from the input file by the kernel (copy_file_range, else sendfile, else bounded pread/write),
+# so their bytes never pass through Python objects or this process's memory map.
 
-# What the writer accepts for one tensor: a tensor, or a lazy source (dtype, shape, fetch) whose
-# fetch returns a tensor or the raw bytes, called once, when that tensor's bytes are written.
-TensorSource = Union[torch.Tensor, "LazyTensor"]
+_CHUNK = 64 * 1024 * 1024  # bytes per write/copy call: bounds buffers and paces the progress bar
+
+# errno values that mean "this pair of files cannot be copied this way": try the next way.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.ESPIPE}
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """A byte range of an open input file (its descriptor, absolute start and end offsets)."""
+
+    fd: int
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)
 class LazyTensor:
+    """A tensor the writer asks for only when it writes it, and drops right after.
+
+    Attributes:
+        dtype, shape: what the header announces; fetch must deliver exactly that.
+        fetch: returns the tensor, or its raw little-endian bytes. Called at most once per write.
+        span: where the same bytes already lie in an input file, for untouched tensors; the
+            writer then copies them file-to-file and never calls fetch.
+
+    Example:
+        >>> lazy = LazyTensor(torch.float32, (2, 3), lambda: torch.zeros(2, 3))
+        >>> lazy.tensor().shape
+        torch.Size([2, 3])
+    """
+
     dtype: torch.dtype
     shape: tuple
     fetch: Callable[[], Union[torch.Tensor, memoryview, bytes]]
+    span: Optional[FileSpan] = None
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.dtype, self.shape)
+
+    def tensor(self) -> torch.Tensor:
+        """Fetch the value as a tensor (raw bytes are copied into a fresh tensor)."""
+        value = self.fetch()
+        if isinstance(value, torch.Tensor):
+            return value
+        if len(value) == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(bytearray(value), dtype=self.dtype).reshape(self.shape)
+
+
+# What the writer accepts for one tensor: a tensor, or a LazyTensor.
+TensorSource = Union[torch.Tensor, LazyTensor]
+
+
+def nbytes_of(dtype: torch.dtype, shape) -> int:
+    """Bytes a tensor of `dtype` and `shape` takes in a checkpoint."""
+    return math.prod(shape) * dtype.itemsize
 
 
 def _meta(src) -> tuple:
-    if isinstance(src, torch.Tensor):
-        return src.dtype, tuple(src.shape)
     return src.dtype, tuple(src.shape)
 
 
@@ -256,14 +343,14 @@ def build_header(tensors: Mapping[str, TensorSource], metadata: Mapping[str, str
 
     def sort_key(k):
         dtype, _ = _meta(tensors[k])
-        return (-torch.empty((), dtype=dtype).element_size(), k)
+        return (-dtype.itemsize, k)
 
     order = sorted(tensors, key=sort_key)
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     pos = 0
     for k in order:
         dtype, shape = _meta(tensors[k])
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = nbytes_of(dtype, shape)
         header[k] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -271,33 +358,153 @@ def build_header(tensors: Mapping[str, TensorSource], metadata: Mapping[str, str
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def _stream(out, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str]) -> None:
+def data_size(tensors: Mapping[str, TensorSource]) -> int:
+    """Total tensor bytes of a checkpoint holding `tensors` (the header not included)."""
+    return sum(nbytes_of(*_meta(src)) for src in tensors.values())
+
+
+class _Sink:
+    """Where checkpoint bytes go: subclasses write bytes and copy file spans."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def write(self, data, count: bool = True) -> None:
+        view = memoryview(data).cast("B")
+        for i in range(0, len(view), _CHUNK):
+            self._write(view[i : i + _CHUNK])
+            if count:
+                self.bar.advance(min(_CHUNK, len(view) - i))
+
+    def copy(self, span: FileSpan) -> None:
+        pos, left = span.start, span.nbytes
+        while left:
+            n = self._copy_some(span.fd, pos, min(left, _CHUNK))
+            pos += n
+            left -= n
+            self.bar.advance(n)
+
+    def _copy_some(self, fd_in: int, pos: int, count: int) -> int:
+        return self._pread_write(fd_in, pos, count)
+
+    def _pread_write(self, fd_in: int, pos: int, count: int) -> int:
+        data = os.pread(fd_in, count, pos)  # at most _CHUNK bytes in memory
+        if not data:
+            raise N2NError("an input checkpoint became shorter while it was being copied (was it overwritten?)")
+        self.write(data, count=False)
+        return len(data)
+
+    def _write(self, view: memoryview) -> None:
+        raise NotImplementedError
+
+
+class _FdSink(_Sink):
+    """A raw file descriptor: untouched tensors are copied in the kernel when the files allow it."""
+
+    def __init__(self, fd: int, bar):
+        super().__init__(bar)
+        self.fd = fd
+        self._ways = [w for w in ("copy_file_range", "sendfile") if hasattr(os, w)]
+
+    def _write(self, view: memoryview) -> None:
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def _copy_some(self, fd_in: int, pos: int, count: int) -> int:
+        while self._ways:
+            try:
+                if self._ways[0] == "copy_file_range":
+                    n = os.copy_file_range(fd_in, self.fd, count, pos)
+                else:
+                    n = os.sendfile(self.fd, fd_in, pos, count)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                n = 0
+            if n > 0:
+                return n
+            # Unsupported for these two files (or a file system that reports 0): next way.
+            self._ways.pop(0)
+        return self._pread_write(fd_in, pos, count)
+
+
+class _StreamSink(_Sink):
+    """A Python binary stream without a usable descriptor (e.g. a test runner's stdout)."""
+
+    def __init__(self, stream, bar):
+        super().__init__(bar)
+        self.stream = stream
+
+    def _write(self, view: memoryview) -> None:
+        self.stream.write(view)
+
+
+def stream_checkpoint(sink: _Sink, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str]) -> None:
+    """Write one safetensors file to `sink`: the header, then each tensor's bytes in header order."""
     head, order = build_header(tensors, metadata)
-    out.write(head)
+    sink.write(head, count=False)
     for k in order:
-        data = _bytes_of(tensors[k])
-        dtype, shape = _meta(tensors[k])
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        src = tensors[k]
+        expected = nbytes_of(*_meta(src))
+        span = src.span if isinstance(src, LazyTensor) else None
+        if span is not None:
+            if span.nbytes != expected:  # a bug, never a bad file: the header was validated
+                raise RuntimeError(f"tensor {k!r}: input span of {span.nbytes} bytes, header promised {expected}")
+            sink.copy(span)
+            continue
+        data = _bytes_of(src)
         if len(data) != expected:  # a lazy source lied about its shape: a bug, never a bad file
             raise RuntimeError(f"tensor {k!r}: {len(data)} bytes, header promised {expected}")
-        out.write(data)
+        sink.write(data)
+        del data  # drop a computed tensor before fetching the next one
+
+
+def fd_sink(fd: int, bar) -> _Sink:
+    """A sink writing at the current offset of file descriptor `fd` (see :func:`stream_checkpoint`)."""
+    return _FdSink(fd, bar)
+
+
+def _stdout_sink(bar) -> _Sink:
+    out = sys.stdout.buffer
+    out.flush()  # anything already buffered goes first; then we write to the descriptor directly
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return _StreamSink(out, bar)
+    return _FdSink(fd, bar)
+
+
+def _label(path: str) -> str:
+    return "<stdout>" if path == STDIN else os.path.basename(path)
 
 
 def write_checkpoint(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str]) -> None:
     """Write a safetensors file atomically; ``-`` writes to standard output.
 
-    A file is first written to a temporary file in the destination folder and renamed over
-    `dest` only once complete, so a failure at any point leaves no partial output behind.
+    Streams (see the notes above :class:`FileSpan`): memory holds at most one computed tensor,
+    whatever the checkpoint's size. A file is first written to a temporary file in the
+    destination folder and renamed over `dest` only once complete and synced, so a failure at
+    any point leaves no partial output behind.
+
+    Args:
+        dest: output file, or ``-`` for standard output (refused when it is a terminal).
+        tensors: name -> tensor or :class:`LazyTensor`.
+        metadata: string -> string; written with sorted keys, so the bytes are deterministic.
 
     Raises:
         N2NError: standard output is a terminal, or the destination cannot be written.
+
+    Example:
+        >>> write_checkpoint("out.safetensors", {"w": torch.ones(2)}, {"format": "pt"})
     """
+    total = data_size(tensors)
     if dest == STDIN:
         if sys.stdout.isatty():
             raise N2NError("refusing to write a binary checkpoint to a terminal: redirect it (-o - > file, or | n2n ...) or give -o FILE")
-        out = sys.stdout.buffer
-        _stream(out, tensors, metadata)
-        out.flush()
+        with progress.task(f"writing {_label(dest)}", total) as bar:
+            stream_checkpoint(_stdout_sink(bar), tensors, metadata)
+        sys.stdout.buffer.flush()
         return
 
     folder = os.path.dirname(os.path.abspath(dest))
@@ -310,13 +517,13 @@ def write_checkpoint(dest: str, tensors: Mapping[str, TensorSource], metadata: M
     except OSError as e:
         raise N2NError(f"{dest}: cannot write in {folder} ({e.strerror})") from None
     try:
-        with os.fdopen(fd, "wb") as out:
-            _stream(out, tensors, metadata)
-            out.flush()
-            os.fsync(out.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        try:
+            with progress.task(f"writing {_label(dest)}", total) as bar:
+                stream_checkpoint(_FdSink(fd, bar), tensors, metadata)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, dest)
     except BaseException as e:
         try:
@@ -326,3 +533,9 @@ def write_checkpoint(dest: str, tensors: Mapping[str, TensorSource], metadata: M
         if isinstance(e, OSError):
             raise N2NError(f"{dest}: write failed ({e.strerror})") from None
         raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

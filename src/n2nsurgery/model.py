@@ -53,7 +53,10 @@ class TensorStore:
 
     def get(self, key: str) -> torch.Tensor:
         if key in self.changes:
-            return self.changes[key]
+            value = self.changes[key]
+            # A change may be a LazyTensor, computed when read (the writer computes it once, while
+            # writing, so a surgery holds no more than one changed tensor at a time).
+            return value.tensor() if isinstance(value, LazyTensor) else value
         if self.base is not None and key in self.base and key not in self.dropped:
             return self.base.get(key)
         raise KeyError(key)
@@ -83,8 +86,8 @@ class TensorStore:
         for k in self.keys():
             if k in self.changes:
                 out[k] = self.changes[k]
-            else:
-                out[k] = LazyTensor(self.base.dtype(k), self.base.shape(k), (lambda k=k: self.base.raw(k)))
+            else:  # untouched: the writer copies its bytes straight from the input file
+                out[k] = LazyTensor(self.base.dtype(k), self.base.shape(k), (lambda k=k: self.base.raw(k)), self.base.span(k))
         return out
 
     def to_dict(self) -> dict:
@@ -231,9 +234,26 @@ def checkpoint_metadata(model: Model) -> dict:
     return meta
 
 
-def save_model(model: Model, dest: str) -> None:
+def save_model(model: Model, dest: str, max_shard_size: int | str | None = None) -> None:
     """Write `model` as a safetensors checkpoint carrying its architecture and history.
 
-    Written atomically; ``-`` writes to standard output (never to a terminal).
+    Written atomically and streamed (memory holds about one tensor, whatever the model's size);
+    ``-`` writes to standard output (never to a terminal).
+
+    Args:
+        model: the model to write.
+        dest: output file, ``-``, or with `max_shard_size` the output folder.
+        max_shard_size: bytes (or a size such as ``"2GiB"``) per shard; when given, `dest` is a
+            folder holding Hugging Face style shards and ``model.safetensors.index.json``
+            (see :mod:`n2nsurgery.shards`).
+
+    Example:
+        >>> save_model(m, "student.safetensors")
+        >>> save_model(m, "student", max_shard_size="500MB")
     """
+    if max_shard_size is not None:
+        from .shards import write_sharded
+
+        write_sharded(dest, model.tensors.sources(), checkpoint_metadata(model), max_shard_size)
+        return
     write_checkpoint(dest, model.tensors.sources(), checkpoint_metadata(model))

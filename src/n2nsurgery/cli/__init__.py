@@ -31,11 +31,12 @@ def _version(value: bool):
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show a traceback with errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors: no progress bars, no reports.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ):
     from .common import state
 
-    state.configure(debug)
+    state.configure(debug, quiet)
 
 
 from . import inspect_cmd, verify_cmd, widen_cmd  # noqa: E402,F401  (each registers its command)
