@@ -16,8 +16,8 @@ from ..verify import verify as run_verify
 from ..widen import widen
 from . import app
 from .common import (
-    ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, OutputOpt, ProbesOpt, RtolOpt,
-    SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
+    ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, MaxShardSizeOpt, OutputOpt, ProbesOpt,
+    RtolOpt, SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
 )
 
 
@@ -66,6 +66,7 @@ def widen_cmd(
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     json_out: JsonOpt = False,
+    max_shard_size: MaxShardSizeOpt = None,
 ):
     """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
     check_json_target(json_out, output)
@@ -86,4 +87,4 @@ def widen_cmd(
             raise VerificationFailed(f"the noise (σ={noise:g}) moves the outputs beyond the given tolerance; nothing was written", deviation)
     finish_surgery(teacher, student, info, output=output, verify=verify, probes=probes, seed=seed,
                    device=device.value, atol=atol, rtol=rtol, json_out=json_out, what=f"widening {layer!r}",
-                   print_report=print_widen_report, result=result)
+                   print_report=print_widen_report, result=result, max_shard_size=max_shard_size)
