@@ -465,7 +465,7 @@ def test_failed_verification_exits_1_and_writes_nothing(runner, tmp_path, monkey
     import n2nsurgery.widen as widen_mod
 
     real = widen_mod._apply
-    monkeypatch.setattr(widen_mod, "_apply", lambda t, dims, noise, gen: real(t, dims, noise, gen) * 1.01)
+    monkeypatch.setattr(widen_mod, "_apply", lambda *args: real(*args) * 1.01)
     ckpt, arch = write_teacher(tmp_path, examples.build("mlp"), examples.MLP_YAML)
     out = tmp_path / "s.safetensors"
     result = widen_cli(runner, ckpt, ["--layer", "fc1", "--width", "40"], out, arch, expect=1)

@@ -23,12 +23,14 @@ Nothing is guessed: an op without a widening rule refuses.
 from __future__ import annotations
 
 import math
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from .checkpoint import LazyTensor
 from .errors import N2NError, did_you_mean
 from .ops import get_op
 from .surgery import history_step
@@ -244,28 +246,49 @@ class WidenContext:
 # ---------------------------------------------------------------------------- applying remaps
 
 
-def _apply(tensor: torch.Tensor, dims: dict, noise: float, gen: Optional[torch.Generator]) -> torch.Tensor:
-    """Gather `tensor` along each recorded dim, in float64, and cast back to its dtype."""
-    out = tensor.to(torch.float64)
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Remapping arithmetic runs in float32 or wider (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _apply(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key: str) -> torch.Tensor:
+    """Gather `tensor` along each recorded dim (and scale consumers' columns by the replicas'
+    shares), in float32 or wider, and cast back to its dtype."""
+    work = _work_dtype(tensor.dtype)
+    out = tensor
     for dim in sorted(dims):
         umap, kind, _ = dims[dim]
-        out = out.index_select(dim, umap.src)
+        out = out.index_select(dim, umap.src)  # a gather is exact in any dtype
+    out = out.to(work)  # a copy, unless the gathers above already made one in this dtype
+    for dim in sorted(dims):
+        umap, kind, _ = dims[dim]
         if kind == "cols":
             view = [1] * out.dim()
             view[dim] = umap.size
-            out = out * umap.share.reshape(view)
-    if noise > 0 and gen is not None:
+            out.mul_(umap.share.to(work).reshape(view))
+    if noise > 0:
+        # The paper's symmetry-breaking noise on the new replicas' incoming weights only (original
+        # units stay exactly the teacher's), relative to the tensor's spread. One generator per
+        # tensor, from the seed and the key, so the noise does not depend on evaluation order.
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
         for dim, (umap, kind, _) in sorted(dims.items()):
             if kind == "rows" and bool(umap.new.any()) and out.dim() > 1:
-                # The paper's symmetry-breaking noise, relative to the tensor's spread, on the new
-                # replicas' incoming weights only: original units stay exactly the teacher's.
-                scale = float(tensor.to(torch.float64).std()) if tensor.numel() > 1 else 0.0
+                scale = float(tensor.to(work).std()) if tensor.numel() > 1 else 0.0
                 rows = umap.new.nonzero().flatten()
                 shape = list(out.shape)
                 shape[dim] = rows.numel()
-                delta = torch.randn(shape, generator=gen, dtype=torch.float64) * (noise * scale)
-                out = out.index_add(dim, rows, delta)
+                delta = torch.randn(shape, generator=gen, dtype=work) * (noise * scale)
+                out.index_add_(dim, rows, delta)
     return out.to(tensor.dtype).contiguous()
+
+
+def _lazy_remap(model, key: str, dims: dict, noise: float, seed: int) -> LazyTensor:
+    """The remapped tensor, computed when it is read (by verification, or by the writer while it
+    streams the checkpoint), so a widening never holds every changed tensor at once."""
+    dtype, shape = model.tensors.dtype(key), list(model.tensors.shape(key))
+    for dim, (umap, _, _) in dims.items():
+        shape[dim] = umap.size
+    return LazyTensor(dtype, tuple(shape), lambda: _apply(model.tensors.get(key), dims, noise, seed, key))
 
 
 # ------------------------------------------------------------------------------- the API
@@ -391,14 +414,12 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
         raise N2NError(f"--noise must be a non-negative number, got {noise!r}")
     ctx = plan_group(model, layer, width, split, seed)
     old_width = ctx.assigned[layer][1].old_size
-    gen = torch.Generator().manual_seed(seed + 1)  # the noise stream, apart from the map's
 
     def build(noise_level: float):
         changes, report = {}, []
         for key in sorted(ctx.remaps):
-            old = model.tensors.get(key)
-            changes[key] = _apply(old, ctx.remaps[key], noise_level, gen)
-            report.append({"key": key, "old_shape": list(old.shape), "new_shape": list(changes[key].shape)})
+            changes[key] = _lazy_remap(model, key, ctx.remaps[key], noise_level, seed)
+            report.append({"key": key, "old_shape": list(model.tensors.shape(key)), "new_shape": list(changes[key].shape)})
         arch = model.arch.copy()
         for name, attrs in ctx.attr_changes.items():
             arch.node(name).attrs.update(attrs)
