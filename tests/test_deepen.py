@@ -615,3 +615,19 @@ def test_refused_json_to_stdout(runner, tmp_path):
     ckpt, arch = example_paths("mlp")
     r = runner.invoke(app, ["deepen", ckpt, "--arch", arch, "--after", "relu1", "-o", "-", "--json"])
     assert r.exit_code == 2 and "--json and -o -" in r.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("args", [["--after", "relu2", "--batchnorm", "--kernel-size", "5"], ["--after", "bn2", "--op", "residual", "--batchnorm"]])
+def test_verified_on_cuda(runner, tmp_path, args):
+    ckpt, arch = example_paths("cnn")
+    out = tmp_path / "s.safetensors"
+    r = _ok(_deepen(runner, ckpt, out, *args, "--device", "cuda", "--json", arch=arch))
+    v = json.loads(r.stdout)["verification"]
+    assert v["passed"] and v["device"].startswith("cuda")
+    # The same tensors as a CPU run: verification never touches what is written.
+    cpu = tmp_path / "cpu.safetensors"
+    _ok(_deepen(runner, ckpt, cpu, *args, "--device", "cpu", arch=arch))
+    a, b = load_file(str(out)), load_file(str(cpu))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -178,7 +178,7 @@ def deepen(
         raise N2NError(f"--op must be one of {', '.join(OPS)}, got {op!r}{did_you_mean(str(op), OPS)}")
     shape = tuple(model.shapes[after])
     residual = op == "residual"
-    layer_op = _pick_layer_op(op, shape, after, arch)
+    layer_op = _pick_layer_op(op, shape, after)
     uses_conv = layer_op.startswith("conv")
     _check_kernel(kernel_size, uses_conv, layer_op)
     width = shape[0] if uses_conv else shape[-1]
@@ -254,7 +254,7 @@ def _check_after(arch: Architecture, after: str) -> None:
     )
 
 
-def _pick_layer_op(op: str, shape: tuple, after: str, arch: Architecture) -> str:
+def _pick_layer_op(op: str, shape: tuple, after: str) -> str:
     """The op of the new layer (the W1 of a residual branch): linear or convNd."""
     rank = len(shape)
     what = f"{after!r} has shape {fmt_shape(shape)} per sample"
@@ -273,8 +273,8 @@ def _pick_layer_op(op: str, shape: tuple, after: str, arch: Architecture) -> str
         return _CONV_BY_RANK[rank]
     alt = "use --op linear (it acts on the last axis)" if op == "auto" else "deepen after a node with 1 to 4 axes"
     raise N2NError(
-        f"{'--op ' + op} has no layer for {what} (linear takes 1-D features, conv1d/2d/3d take "
-        f"[channels, 1 to 3 spatial axes]); {alt}"
+        f"--op {op} has no layer for {after!r}, whose value has shape {fmt_shape(shape)} per sample "
+        f"(linear takes 1-D features, conv1d/2d/3d take [channels, 1 to 3 spatial axes]); {alt}"
     )
 
 
