@@ -608,6 +608,7 @@ def test_refused_rank_without_op_but_linear_works(runner, tmp_path):
     out.parent.mkdir()
     _refused(_deepen(runner, ckpt, out, "--after", "relu", arch=arch), out, "[2, 2, 2, 2, 3]", "use --op linear")
     _refused(_deepen(runner, ckpt, out, "--after", "x", "--op", "conv", arch=arch), out, "--op conv needs", "--op linear")
+    _refused(_deepen(runner, ckpt, out, "--after", "relu", "--op", "linear", "--batchnorm", arch=arch), out, "--batchnorm normalises the channel axis", "drop --batchnorm")
     # The alternative the message names is exact:
     _ok(_deepen(runner, ckpt, out, "--after", "relu", "--op", "linear", arch=arch))
     teacher, student = n2n.load_model(ckpt, arch), n2n.load_model(str(out))

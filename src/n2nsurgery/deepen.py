@@ -148,8 +148,8 @@ def deepen(
         activation: φ after the new layer: one of :data:`ACTIVATIONS` or ``"none"``. Default
             (None): identity layers copy `after`'s activation (with its attributes) when `after`
             is an activation node, else none; residual branches use relu.
-        kernel_size: odd kernel size of new convolutions (ignored by linear layers, which accept
-            only the default).
+        kernel_size: odd kernel size of new convolutions; a linear layer refuses any value but
+            the default.
         batchnorm: add a batchnorm after the new layer (inside the branch for ``residual``); it
             is the identity at inference: mean 0, variance 1 − eps, weight 1, bias 0.
         hidden: width of a residual branch (default: the width of `after`'s value).
@@ -182,6 +182,12 @@ def deepen(
     uses_conv = layer_op.startswith("conv")
     _check_kernel(kernel_size, uses_conv, layer_op)
     width = shape[0] if uses_conv else shape[-1]
+    if batchnorm and not uses_conv and len(shape) > 1:
+        # batchnorm works on axis 0 of a sample (channels); this linear layer works on the last.
+        raise N2NError(
+            f"--batchnorm normalises the channel axis, but a linear layer on {after!r} "
+            f"({fmt_shape(shape)} per sample) works on the last axis; use --op conv, or drop --batchnorm"
+        )
     _check_hidden(hidden, residual)
     phi, phi_attrs = _pick_activation(arch, after, activation, residual)
 
