@@ -127,10 +127,17 @@ class StepReport:
             "summary": self.summary,
             "changes": self.changes,
             "report": self.report,
-            "verification": self.verification.to_dict() if self.verification is not None else None,
+            "verification": result_dict(self.verification),
             "noise_deviation": self.noise_deviation,
-            "end_to_end": self.end_to_end.to_dict() if self.end_to_end is not None else None,
+            "end_to_end": result_dict(self.end_to_end),
         }
+
+
+def result_dict(result) -> Optional[dict]:
+    """A VerifyResult as JSON, with its overall max absolute and relative errors on top."""
+    if result is None:
+        return None
+    return {**result.to_dict(), "max_abs": result.max_abs, "max_rel": result.max_rel}
 
 
 # ---------------------------------------------------------------------------- seeds

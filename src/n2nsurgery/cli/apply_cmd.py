@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import N2NError
 from ..model import load_model, save_model
-from ..recipe import apply_recipe, load_recipe
+from ..recipe import apply_recipe, load_recipe, result_dict
 from . import app
 from .common import ArchOpt, CheckpointArg, DeviceChoice, JsonOpt, OutputOpt, check_json_target, command, console, emit_json
 
@@ -28,6 +30,8 @@ def apply_cmd(
 ):
     """Run a recipe: each step verified against the one before; the first failure stops the run and writes nothing."""
     check_json_target(json_out, output)
+    if output == "-" and sys.stdout.isatty():  # say so before the work, not after it
+        raise N2NError("refusing to write a binary checkpoint to a terminal: redirect it (-o - > file, or | n2n ...) or give -o FILE")
     rec = load_recipe(recipe)  # validate the recipe before reading a possibly large checkpoint
     teacher = load_model(checkpoint, arch)
 
@@ -48,7 +52,7 @@ def apply_cmd(
             "seed": rec.seed if seed is None else seed,
             "output": output,
             "steps": [r.to_dict() for r in reports],
-            "end_to_end": end_to_end.to_dict() if end_to_end is not None else None,
+            "end_to_end": result_dict(end_to_end),
             "parameters": {"before": teacher.parameter_count(), "after": student.parameter_count()},
         })
         return
