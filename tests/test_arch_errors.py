@@ -151,6 +151,10 @@ CASES = [
         lambda t: (_with_metadata(t, {"format": "pt", "n2n.arch": MLP_YAML, "n2n.history": "{nope"}), None),
         ["bad.safetensors", "n2n.history"],
     ),
+    ("duplicate-key-in-node", lambda t: _mlp_arch(t, "op: relu, in: fc1}", "op: relu, in: fc1, in: x}"), ["bad.yaml", "line 7", "'in'", "twice"]),
+    ("duplicate-input-name", lambda t: _mlp_arch(t, "  x: {shape: [16], dtype: float32}\n", "  x: {shape: [16], dtype: float32}\n  x: {shape: [8], dtype: float32}\n"), ["bad.yaml", "'x'", "twice"]),
+    ("duplicate-top-key", lambda t: _mlp_arch(t, "outputs: [fc3]", "outputs: [fc3]\noutputs: [fc2]"), ["bad.yaml", "'outputs'", "twice"]),
+    ("integer-input-high-too-big", lambda t: _mlp_arch(t, "dtype: float32}", "dtype: uint8, high: 1000}"), ["bad.yaml", "'x'", "high 1000", "uint8"]),
     ("no-arch-anywhere", lambda t: (MLP_CKPT, None), ["mlp.safetensors", "--arch"]),
 ]
 

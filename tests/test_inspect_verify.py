@@ -322,6 +322,15 @@ def test_verify_probes_and_seed_change_the_probes():
     assert verify(model, other, probes=100, device="cpu").probes == 100  # more than one chunk of 64
 
 
+@pytest.mark.parametrize("atol, rtol", [(float("nan"), None), (None, float("inf")), (-1.0, None)])
+def test_verify_rejects_meaningless_tolerances(atol, rtol):
+    from n2nsurgery.errors import N2NError
+
+    model = load_model(*example_paths("mlp"))
+    with pytest.raises(N2NError, match="finite and not negative"):
+        verify(model, model, atol=atol, rtol=rtol, device="cpu")
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, (1e-3, 5e-3)), (torch.bfloat16, (1e-2, 3e-2))])
 def test_half_precision_default_tolerances(runner, tmp_path, dtype, tol):
     ckpt, arch = example_paths("cnn")

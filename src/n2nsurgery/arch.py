@@ -22,6 +22,8 @@ FORMAT = "n2n-arch/1"
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 INT_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
 
+_INT_MAX = {"int64": 2**63 - 1, "int32": 2**31 - 1, "int16": 2**15 - 1, "int8": 2**7 - 1, "uint8": 2**8 - 1}
+
 _TOP_KEYS = ("format", "name", "inputs", "nodes", "outputs")
 _NODE_KEYS = ("name", "op", "in", "params")
 _INPUT_KEYS = ("shape", "dtype", "high")
@@ -123,6 +125,54 @@ def _flow(value) -> str:
 # -------------------------------------------------------------------- parsing
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error.
+
+    Plain PyYAML keeps the last value silently, so ``{name: a, in: x, in: y}`` would read as
+    ``in: y`` and two inputs both called ``x`` would collapse into one.
+    """
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    first_line = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; not a duplicate
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            seen = key in first_line
+        except TypeError:  # an unhashable key: construct_mapping reports it below
+            continue
+        if seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is written twice in one mapping (first on line {first_line[key] + 1})", key_node.start_mark
+            )
+        first_line[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(text: str):
+    """Parse YAML text safely, refusing duplicate keys (which PyYAML would silently collapse).
+
+    Args:
+        text: the YAML document.
+
+    Returns:
+        The parsed document (dicts, lists, scalars).
+
+    Raises:
+        yaml.YAMLError: malformed YAML, or a key written twice in one mapping.
+
+    Example:
+        >>> load_yaml("steps: [1, 2]")
+        {'steps': [1, 2]}
+    """
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_architecture(path: str) -> Architecture:
     """Read and validate an architecture YAML file."""
     try:
@@ -144,7 +194,7 @@ def load_architecture(path: str) -> Architecture:
 def parse_architecture(text: str, source: str = "<architecture>") -> Architecture:
     """Parse and validate architecture YAML text. Raises N2NError naming `source` and the node."""
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -205,6 +255,9 @@ def _parse_inputs(raw, fail) -> dict:
         if dtype in INT_DTYPES:
             if not isinstance(high, int) or isinstance(high, bool) or high < 1:
                 fail(f"input {name!r}: an integer input needs high: a positive integer (probes are drawn from [0, high))")
+            top = _INT_MAX[dtype] + 1
+            if high > top:
+                fail(f"input {name!r}: high {high} does not fit {dtype} (probes are drawn from [0, high)); use at most {top}")
         elif high is not None:
             fail(f"input {name!r}: high applies to integer inputs only")
         out[name] = InputSpec(name=name, shape=tuple(shape), dtype=dtype, high=high)

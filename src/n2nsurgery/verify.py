@@ -148,8 +148,8 @@ def verify(a, b, probes: int = 64, seed: int = 0, atol: Optional[float] = None, 
     d_atol, d_rtol = default_tolerance(a, b)
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    if atol < 0 or rtol < 0:
-        raise N2NError("--atol and --rtol must not be negative")
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # also catches NaN
+        raise N2NError(f"--atol and --rtol must be finite and not negative, got atol={atol}, rtol={rtol}")
     dtype = max(compute_dtype(a), compute_dtype(b), key=lambda d: torch.finfo(d).bits)
     inputs = make_probes(a.arch, probes, seed)
     ya, yb = [], []

@@ -16,8 +16,8 @@ from .common import AtolOpt, DeviceChoice, DeviceOpt, JsonOpt, ProbesOpt, RtolOp
 @app.command("verify")
 @command
 def verify_cmd(
-    a: Annotated[str, typer.Argument(help="Reference checkpoint (e.g. the teacher); '-' reads standard input.", show_default=False)],
-    b: Annotated[str, typer.Argument(help="Checkpoint to compare (e.g. the student); '-' reads standard input.", show_default=False)],
+    a: Annotated[str, typer.Argument(help="Reference checkpoint (e.g. the teacher); '-' reads standard input.", show_default=False, metavar="A")],
+    b: Annotated[str, typer.Argument(help="Checkpoint to compare (e.g. the student); '-' reads standard input.", show_default=False, metavar="B")],
     arch_a: Annotated[Optional[str], typer.Option("--arch-a", help="Architecture of A (optional if A carries one).", rich_help_panel="Model")] = None,
     arch_b: Annotated[Optional[str], typer.Option("--arch-b", help="Architecture of B (optional if B carries one; else --arch-a is used).", rich_help_panel="Model")] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture for both, where --arch-a/--arch-b are not given.", rich_help_panel="Model")] = None,
