@@ -51,6 +51,8 @@ DTYPES = {
 }
 CODES = {v: k for k, v in DTYPES.items()}
 
+# Linux: drop pages of a private mapping (clean ones come back from the page cache on next read).
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None) if sys.platform.startswith("linux") else None
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 STDIN = "-"
 
@@ -122,6 +124,21 @@ class Checkpoint:
         """The stored bytes of `key`, without going through a tensor."""
         info = self.infos[key]
         return memoryview(self._buffer)[info.start : info.end]
+
+    def release(self, key: str) -> None:
+        """Drop the pages of `key` from this process's memory; nothing is lost.
+
+        The mapping is a private, never-written view of the file, so its pages are clean: the
+        kernel keeps them in its page cache and a later read of the tensor (even through a view
+        made before) faults them back in. Without this, every tensor a verification has read
+        would count towards this process's memory until the end.
+        """
+        if not isinstance(self._buffer, mmap.mmap) or _DONTNEED is None:
+            return
+        info = self.infos[key]
+        start = info.start - info.start % mmap.PAGESIZE  # madvise wants a page-aligned start
+        if info.end > start:
+            self._buffer.madvise(_DONTNEED, start, info.end - start)
 
     def span(self, key: str) -> Optional["FileSpan"]:
         """Where the bytes of `key` lie in the input file; None when read from standard input."""

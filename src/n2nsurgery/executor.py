@@ -7,7 +7,7 @@ after its last reader, so memory follows the widest point of the graph, not the 
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -64,11 +64,14 @@ def compute_dtype(model) -> torch.dtype:
     return torch.float64 if wide else torch.float32
 
 
-def run(model, inputs: Mapping[str, torch.Tensor], device="cpu", dtype: torch.dtype | None = None) -> list:
+def run(model, inputs: Mapping[str, torch.Tensor], device="cpu", dtype: torch.dtype | None = None,
+        on_node: Callable[[], None] | None = None) -> list:
     """Outputs of `model` (in ``arch.outputs`` order) for batched `inputs`, in inference mode.
 
     Float inputs and parameters are cast to `dtype` (default: :func:`compute_dtype`); integer
-    inputs keep their dtype.
+    inputs keep their dtype. Parameters move to `device` one node at a time and are released
+    after it, so a model larger than the GPU's (or this machine's) memory streams through.
+    `on_node` is called after every node (progress bars).
     """
     device = torch.device(device)
     dtype = dtype or compute_dtype(model)
@@ -94,6 +97,11 @@ def run(model, inputs: Mapping[str, torch.Tensor], device="cpu", dtype: torch.dt
                 values[node.name] = op.forward([values[s] for s in node.inputs], params, node.resolved_attrs())
             except RuntimeError as e:  # shapes were checked, so this is a device or memory problem
                 raise N2NError(f"node {node.name!r} ({node.op}) failed on {device}: {str(e).splitlines()[0]}") from None
+            del params
+            for role in op.params:  # unmap this node's checkpoint pages: memory stays at ~one layer
+                model.tensors.release(node.param_key(role))
+            if on_node is not None:
+                on_node()
             for src in set(node.inputs):
                 if last_use.get(src) == i and src not in keep:
                     values.pop(src, None)

@@ -13,8 +13,10 @@ from typing import Optional
 
 import torch
 
+from . import progress
 from .errors import N2NError
 from .executor import compute_dtype, resolve_device, run
+from .ops import get_op
 
 # (atol, rtol) by the least precise floating dtype among the checkpoint's parameters.
 TOLERANCES = {
@@ -69,6 +71,12 @@ class VerifyResult:
     @property
     def max_rel(self) -> float:
         return max((o.max_rel for o in self.outputs), default=0.0)
+
+
+def _param_bytes(model) -> int:
+    """Bytes of the parameters `model` reads per run: what decides whether a progress bar shows."""
+    keys = {node.param_key(r) for node in model.arch.nodes for r in get_op(node.op).params}
+    return sum(math.prod(model.tensors.shape(k)) * model.tensors.dtype(k).itemsize for k in keys if k in model.tensors)
 
 
 def make_probes(arch, n: int, seed: int) -> dict:
@@ -153,10 +161,13 @@ def verify(a, b, probes: int = 64, seed: int = 0, atol: Optional[float] = None, 
     dtype = max(compute_dtype(a), compute_dtype(b), key=lambda d: torch.finfo(d).bits)
     inputs = make_probes(a.arch, probes, seed)
     ya, yb = [], []
-    for start in range(0, probes, PROBE_CHUNK):
-        chunk = {k: v[start : start + PROBE_CHUNK] for k, v in inputs.items()}
-        ya.append([t.cpu() for t in run(a, chunk, dev, dtype)])
-        yb.append([t.cpu() for t in run(b, chunk, dev, dtype)])
+    starts = range(0, probes, PROBE_CHUNK)
+    steps = len(starts) * (len(a.arch.nodes) + len(b.arch.nodes))
+    with progress.task("verifying", steps, unit="nodes", size=len(starts) * (_param_bytes(a) + _param_bytes(b))) as bar:
+        for start in starts:
+            chunk = {k: v[start : start + PROBE_CHUNK] for k, v in inputs.items()}
+            ya.append([t.cpu() for t in run(a, chunk, dev, dtype, on_node=bar.advance)])
+            yb.append([t.cpu() for t in run(b, chunk, dev, dtype, on_node=bar.advance)])
     ya = [torch.cat(parts) for parts in zip(*ya)]
     yb = [torch.cat(parts) for parts in zip(*yb)]
     checks = compare_outputs(a, b, ya, yb, atol, rtol)

@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Scale benchmark: surgery at disk speed, memory bounded by the largest tensor (not a test).
+
+Builds, in a temporary folder:
+
+* ``dense.safetensors``: 16 linear layers of 4096x4096 float32 with biases (1 GiB), ReLUs
+  between them, and its architecture ``dense.yaml``;
+* ``dense-bf16/``: 128 such layers in bfloat16 (4 GiB), sharded Hugging Face style.
+
+and reports, in one run:
+
+* the median time of ``n2n widen --no-verify`` (one layer 4096 -> 8192 units) against the median
+  time of ``cp`` of the same file, and their ratio (target: <= 1.5);
+* every run's peak RSS against the checkpoint size and the largest tensor
+  (target: <= 2 x largest tensor + 300 MiB);
+* ``n2n verify`` throughput (checkpoint bytes of both models per second) and its peak RSS;
+* the widening of the 4 GiB sharded checkpoint, written sharded, against the same memory bound.
+
+Run it from the repository root (about 11 GiB of free disk in --tmp; several minutes)::
+
+    .venv/bin/python benchmarks/bench_scale.py            # the full run
+    .venv/bin/python benchmarks/bench_scale.py --quick    # small sizes: a smoke test
+
+Why the odd process layout: peak RSS is read per child with ``os.wait4``. Linux charges a child
+started with vfork (what ``subprocess`` uses) with its parent's peak RSS, so this parent never
+imports torch nor holds tensors: checkpoints are built by a child (``--make``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+GiB = 1 << 30
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def n2n_exe() -> str:
+    path = os.path.join(os.path.dirname(sys.executable), "n2n")
+    if not os.path.exists(path):
+        sys.exit("the n2n console script is not next to this Python; run with the project's venv (.venv/bin/python)")
+    return path
+
+
+# ------------------------------------------------------------------------- building (child)
+
+
+def arch_yaml(layers: int, width: int, dtype: str) -> str:
+    lines = ["format: n2n-arch/1", f"name: dense-{layers}x{width}", "inputs:", f"  x: {{shape: [{width}], dtype: float32}}", "nodes:"]
+    prev = "x"
+    for i in range(layers):
+        lines.append(f"  - {{name: fc{i}, op: linear, in: {prev}}}")
+        prev = f"fc{i}"
+        if i < layers - 1:
+            lines.append(f"  - {{name: relu{i}, op: relu, in: {prev}}}")
+            prev = f"relu{i}"
+    lines.append(f"outputs: [{prev}]")
+    return "\n".join(lines) + "\n"
+
+
+def make(kind: str, dest: str, layers: int, width: int, shard: str | None) -> None:
+    """Write a dense checkpoint tensor by tensor (the builder's memory stays at one layer)."""
+    import torch
+
+    from n2nsurgery.checkpoint import LazyTensor, write_checkpoint
+    from n2nsurgery.shards import write_sharded
+
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[kind]
+
+    def weight(i):
+        g = torch.Generator().manual_seed(i)
+        return (torch.randn(width, width, generator=g) * width**-0.5).to(dtype)
+
+    def bias(i):
+        g = torch.Generator().manual_seed(10_000 + i)
+        return (torch.randn(width, generator=g) * 0.01).to(dtype)
+
+    tensors = {}
+    for i in range(layers):
+        tensors[f"fc{i}.weight"] = LazyTensor(dtype, (width, width), lambda i=i: weight(i))
+        tensors[f"fc{i}.bias"] = LazyTensor(dtype, (width,), lambda i=i: bias(i))
+    if shard:
+        write_sharded(dest, tensors, {"format": "pt"}, shard)
+    else:
+        write_checkpoint(dest, tensors, {"format": "pt"})
+    yaml_path = (dest[: -len(".safetensors")] if dest.endswith(".safetensors") else dest.rstrip("/")) + ".yaml"
+    with open(yaml_path, "w") as f:
+        f.write(arch_yaml(layers, width, kind))
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def measured(cmd: list, env=None) -> dict:
+    """Run `cmd`; its wall time and peak RSS (of that child alone, via wait4)."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err.read().decode(errors='replace')}")
+    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024}
+
+
+def size_of(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+    return os.path.getsize(path)
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+
+
+def bound(largest: int) -> int:
+    return 2 * largest + 300 * MiB
+
+
+# -------------------------------------------------------------------------------- the run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5, help="timed runs of widen and of cp (median reported)")
+    ap.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (default: the system's)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test of this script")
+    ap.add_argument("--skip-4g", action="store_true", help="skip the 4 GiB sharded checkpoint")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--make", nargs=4, metavar=("KIND", "DEST", "LAYERS", "WIDTH"), help=argparse.SUPPRESS)
+    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.make:
+        kind, dest, layers, width = args.make
+        make(kind, dest, int(layers), int(width), args.shard)
+        return
+
+    n2n = n2n_exe()
+    width, layers, big_layers = (1024, 16, 32) if args.quick else (4096, 16, 128)
+    new_width = 2 * width
+    f32_largest_in, f32_largest_out = width * width * 4, new_width * width * 4
+    bf16_largest_out = new_width * width * 2
+    runs = max(1, args.runs)
+    env = dict(os.environ, COLUMNS="120")
+    work = tempfile.mkdtemp(prefix="n2n-bench-", dir=args.tmp)
+    figures: dict = {"width": width, "layers": layers, "new_width": new_width}
+    try:
+        dense = os.path.join(work, "dense.safetensors")
+        print(f"building {dense} ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--make", "f32", dense, str(layers), str(width)], check=True)
+        ckpt_size = size_of(dense)
+        arch = os.path.join(work, "dense.yaml")
+        out = os.path.join(work, "wide.safetensors")
+        copy = os.path.join(work, "copy.safetensors")
+        widen_cmd = [n2n, "--quiet", "widen", dense, "--arch", arch, "--layer", f"fc{layers // 2}",
+                     "--width", str(new_width), "--no-verify", "-o", out]
+
+        # Warm the page cache and the interpreter's bytecode cache; neither run is timed.
+        measured(["cp", dense, copy]), remove(copy)
+        measured(widen_cmd)
+        cp_runs, widen_runs = [], []
+        for _ in range(runs):  # interleaved, so drift in machine load hits both alike
+            remove(copy)
+            cp_runs.append(measured(["cp", dense, copy]))
+            remove(out)
+            widen_runs.append(measured(widen_cmd))
+        remove(copy)
+        startup = [measured([n2n, "--version"])["seconds"] for _ in range(3)]
+        cp_med = statistics.median(r["seconds"] for r in cp_runs)
+        widen_med = statistics.median(r["seconds"] for r in widen_runs)
+        figures["f32"] = {
+            "checkpoint_bytes": ckpt_size,
+            "output_bytes": size_of(out),
+            "largest_tensor_in": f32_largest_in,
+            "largest_tensor_out": f32_largest_out,
+            "cp_seconds": [r["seconds"] for r in cp_runs],
+            "widen_seconds": [r["seconds"] for r in widen_runs],
+            "widen_peak_rss": [r["peak_rss"] for r in widen_runs],
+            "cp_median": cp_med,
+            "widen_median": widen_med,
+            "ratio": widen_med / cp_med,
+            "startup_median": statistics.median(startup),
+            "rss_bound": bound(f32_largest_out),
+        }
+
+        verify_cmd = [n2n, "--quiet", "verify", dense, out, "--arch-a", arch, "--device", "cpu"]
+        v = [measured(verify_cmd) for _ in range(max(1, runs // 2))]
+        v_med = statistics.median(r["seconds"] for r in v)
+        figures["verify"] = {
+            "seconds": [r["seconds"] for r in v],
+            "peak_rss": [r["peak_rss"] for r in v],
+            "bytes_per_second": (ckpt_size + size_of(out)) / v_med,
+        }
+        remove(out)
+        remove(dense)
+
+        if not args.skip_4g:
+            big = os.path.join(work, "dense-bf16")
+            print(f"building {big}/ ({big_layers} bfloat16 layers, sharded) ...", flush=True)
+            subprocess.run([sys.executable, __file__, "--make", "bf16", big, str(big_layers), str(width), "--shard", "1GiB"], check=True)
+            big_out = os.path.join(work, "wide-bf16")
+            big_copy = os.path.join(work, "copy-bf16")
+            measured(["cp", "-r", big, big_copy])  # warms the page cache
+            remove(big_copy)
+            c = measured(["cp", "-r", big, big_copy])
+            remove(big_copy)
+            w = measured([n2n, "--quiet", "widen", big, "--arch", big + ".yaml", "--layer", f"fc{big_layers // 2}",
+                          "--width", str(new_width), "--no-verify", "--max-shard-size", "1GiB", "-o", big_out])
+            figures["bf16_sharded"] = {
+                "checkpoint_bytes": size_of(big),
+                "shards": len([n for n in os.listdir(big) if n.endswith(".safetensors")]),
+                "output_bytes": size_of(big_out),
+                "largest_tensor_out": bf16_largest_out,
+                "cp_seconds": c["seconds"],
+                "widen_seconds": w["seconds"],
+                "widen_peak_rss": w["peak_rss"],
+                "rss_bound": bound(bf16_largest_out),
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report(figures)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+def report(fig: dict) -> None:
+    f = fig["f32"]
+    ok = lambda cond: "meets target" if cond else "MISSES target"  # noqa: E731
+    print()
+    print(f"float32 checkpoint: {fmt_bytes(f['checkpoint_bytes'])}, {fig['layers']} layers {fig['width']}x{fig['width']}; "
+          f"widen fc{fig['layers'] // 2} {fig['width']} -> {fig['new_width']} (output {fmt_bytes(f['output_bytes'])})")
+    print(f"  cp      median {f['cp_median']:.2f} s   runs " + " ".join(f"{s:.2f}" for s in f["cp_seconds"]))
+    print(f"  widen   median {f['widen_median']:.2f} s   runs " + " ".join(f"{s:.2f}" for s in f["widen_seconds"])
+          + f"   (of which interpreter + torch start-up ~{f['startup_median']:.2f} s)")
+    print(f"  ratio widen / cp = {f['ratio']:.2f} ({ok(f['ratio'] <= 1.5)}: <= 1.5)")
+    worst = max(f["widen_peak_rss"])
+    print(f"  widen peak RSS " + ", ".join(fmt_bytes(r) for r in f["widen_peak_rss"])
+          + f"; checkpoint {fmt_bytes(f['checkpoint_bytes'])}, largest tensor {fmt_bytes(f['largest_tensor_in'])} in / "
+          f"{fmt_bytes(f['largest_tensor_out'])} out; bound 2 x largest + 300 MiB = {fmt_bytes(f['rss_bound'])} ({ok(worst <= f['rss_bound'])})")
+    v = fig["verify"]
+    print(f"  verify  {statistics.median(v['seconds']):.2f} s median, {v['bytes_per_second'] / GiB:.2f} GiB/s of checkpoint "
+          f"(both models), peak RSS " + ", ".join(fmt_bytes(r) for r in v["peak_rss"]))
+    if "bf16_sharded" in fig:
+        b = fig["bf16_sharded"]
+        print(f"bfloat16 sharded checkpoint: {fmt_bytes(b['checkpoint_bytes'])} in {b['shards']} shards; widen to a sharded output "
+              f"({fmt_bytes(b['output_bytes'])})")
+        print(f"  cp -r {b['cp_seconds']:.2f} s, widen {b['widen_seconds']:.2f} s (ratio {b['widen_seconds'] / b['cp_seconds']:.2f}); "
+              f"peak RSS {fmt_bytes(b['widen_peak_rss'])}, largest tensor {fmt_bytes(b['largest_tensor_out'])}, "
+              f"bound {fmt_bytes(b['rss_bound'])} ({ok(b['widen_peak_rss'] <= b['rss_bound'])})")
+
+
+if __name__ == "__main__":
+    main()
