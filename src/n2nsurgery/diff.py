@@ -172,9 +172,11 @@ def fmt_shape(shape) -> str:
 
 
 def growth(a: int, b: int) -> str:
-    """``+12.5%``-style relative change of a count, or ``new`` from zero."""
+    """``+12.5%``-style relative change of a count (``×3.0`` from double on), or ``new`` from zero."""
     if a == 0:
         return "new" if b else "±0%"
+    if b >= 2 * a:  # "+12908.9%" reads worse than "×130.1"
+        return f"×{b / a:.1f}"
     return f"{(b - a) / a:+.1%}"
 
 

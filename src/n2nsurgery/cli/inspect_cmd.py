@@ -77,7 +77,8 @@ def _print_history(history: list) -> None:
             table.add_row(str(i), "?", escape(str(step)), "", "", "", "")
             continue
         args = step.get("args") or {}
-        args_text = " ".join(f"{k}={v}" for k, v in args.items()) if isinstance(args, dict) else str(args)
+        # None means "the default" in a step's arguments: leave it out of the table (JSON keeps it)
+        args_text = " ".join(f"{k}={v}" for k, v in args.items() if v is not None) if isinstance(args, dict) else str(args)
         recipe = step.get("recipe")
         via = step.get("command", "")
         if isinstance(recipe, dict):
