@@ -64,6 +64,22 @@ def test_executor_matches_the_example_module(name):
     assert float(want.abs().max()) > 0.1  # a real signal, not a degenerate all-zero output
 
 
+@pytest.mark.filterwarnings("ignore:'n2nsurgery.examples' found in sys.modules:RuntimeWarning")
+def test_shipped_examples_rebuild_byte_for_byte(tmp_path, monkeypatch):
+    """`python -m n2nsurgery.examples FOLDER` (as the README says) remakes every shipped file exactly."""
+    import runpy
+    import sys
+
+    from conftest import RECIPES
+
+    monkeypatch.setattr(sys, "argv", ["n2nsurgery.examples", str(tmp_path)])
+    runpy.run_module("n2nsurgery.examples", run_name="__main__", alter_sys=False)
+    made = sorted(p.name for p in tmp_path.iterdir())
+    assert {f"{n}.{ext}" for n in EXAMPLE_NAMES for ext in ("safetensors", "yaml")} <= set(made)
+    for name in made:
+        assert (tmp_path / name).read_bytes() == (RECIPES / name).read_bytes(), name
+
+
 # ----------------------------------------------------------------------------------- inspect
 
 

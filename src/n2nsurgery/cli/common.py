@@ -156,9 +156,9 @@ def print_verify(result) -> None:
             "[green]pass[/]" if o.passed else "[bold red]FAIL[/]",
         )
     console.print(table)
-    verdict = "[green]equal[/]" if result.passed else "[bold red]differ[/]"
+    verdict = "[green]equal[/] within" if result.passed else "[bold red]differ[/] beyond"
     console.print(
-        f"{verdict} within atol={result.atol:g}, rtol={result.rtol:g} on {result.probes} probes "
+        f"{verdict} atol={result.atol:g}, rtol={result.rtol:g} on {result.probes} probes "
         f"(seed {result.seed}, device {escape(result.device)})"
     )
 
