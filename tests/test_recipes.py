@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import RECIPES, assert_close, example_paths, max_abs_diff, n2n_exe
+from conftest import RECIPES, assert_close, example_paths, max_abs_diff, n2n_exe, requires_cuda
 from n2nsurgery import examples, load_model
 from n2nsurgery.cli import app
 from n2nsurgery.errors import N2NError
@@ -132,7 +132,7 @@ def test_summary_table_and_json(runner, tmp_path):
     assert [s["kind"] for s in doc["steps"]] == ["widen", "widen", "deepen"]
     assert doc["steps"][0]["report"]["new_width"] == 64
     assert all(s["verification"]["passed"] for s in doc["steps"])
-    assert doc["end_to_end"]["passed"] is True and doc["end_to_end"]["max_abs"] <= TOL
+    assert doc["end_to_end"]["passed"] is True and doc["end_to_end"]["judged"] is True and doc["end_to_end"]["max_abs"] <= TOL
     assert doc["parameters"]["after"] > doc["parameters"]["before"]
     reshaped = {t["key"]: (t["old_shape"], t["new_shape"]) for t in doc["steps"][0]["changes"]["tensors_reshaped"]}
     assert reshaped["conv1.weight"] == ([8, 3, 3, 3], [64, 3, 3, 3])
@@ -217,6 +217,7 @@ def test_noise_step_is_checked_noise_free_and_its_deviation_reported(runner, tmp
     assert dev > 1e-4  # the noise does move the outputs
     assert doc["steps"][0]["verification"]["max_abs"] <= TOL  # the noise-free map is exact
     assert load_model(str(out)).history[0]["verification"]["noise_deviation"]["max_abs"] == dev
+    assert doc["end_to_end"]["judged"] is False and doc["end_to_end"]["max_abs"] > 1e-4  # measured, not judged
     # a tolerance in the recipe judges the noise
     strict = _write(tmp_path, "steps:\n  - widen: {layer: fc1, width: 48, noise: 0.05}\nverify: {atol: 1.0e-6, rtol: 0}\n", "strict.yaml")
     result, out = _apply(runner, tmp_path, strict, teacher="mlp", out_name="strict.safetensors")
@@ -396,3 +397,25 @@ def test_apply_recipe_does_not_modify_its_teacher():
     assert all(torch.equal(teacher.tensors.get(k), v) for k, v in before.items())
     assert len(reports) == 4 and reports[-1].end_to_end is not None and reports[-1].end_to_end.passed
     assert [r.kind for r in reports] == ["widen", "widen", "deepen", "deepen"]
+
+
+def test_recipe_from_stdin(runner, tmp_path):
+    ckpt, arch = example_paths("mlp")
+    out = tmp_path / "o.safetensors"
+    r = runner.invoke(app, ["apply", ckpt, "-", "--arch", arch, "-o", str(out)], input="steps:\n  - widen: {layer: fc1, width: 40}\n")
+    assert r.exit_code == 0, r.output
+    assert load_model(str(out)).history[-1]["recipe"]["file"] == "<stdin>"
+    r = runner.invoke(app, ["apply", "-", "-", "-o", str(out)], input="")
+    assert r.exit_code == 2 and "only one of CKPT and RECIPE can be '-'" in r.stderr
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_apply_verifies_on_cuda(runner, tmp_path):
+    result, out = _apply(runner, tmp_path, RECIPES / "resnet-sqrt2.yaml", teacher="resnet", extra=["--device", "cuda", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert all(s["verification"]["device"].startswith("cuda") for s in doc["steps"])
+    assert all(s["verification"]["max_abs"] <= TOL for s in doc["steps"])
+    assert doc["end_to_end"]["passed"] is True
+    assert all(h["verification"]["device"] == "cuda" for h in load_model(str(out)).history)
