@@ -12,6 +12,11 @@ def _deepen_after(model, node, ranges) -> str:
     default activation on this node's values) or only a zero-initialised residual branch."""
     from .deepen import ACTIVATIONS, is_identity_on
 
+    rank = len(model.shapes[node.name])
+    if rank == 0:
+        return "no"  # a scalar per sample: no layer fits it
+    if rank > 4:
+        return "--op linear"  # no conv of that rank; a linear layer over the last axis still fits
     phi = node.op if node.op in ACTIVATIONS else None
     if not is_identity_on(phi, node.resolved_attrs(), ranges[node.name]):
         return "residual"
@@ -36,7 +41,10 @@ def describe(model) -> dict:
             key = node.param_key(role)
             if key in model.tensors:
                 params[role] = {"key": key, "shape": list(model.tensors.shape(key)), "dtype": str(model.tensors.dtype(key)).removeprefix("torch.")}
-        count = sum(math.prod(p["shape"]) for p in params.values() if p["key"] not in keys)
+        # Tied tensors count once; integer counters (num_batches_tracked) are not parameters.
+        count = sum(
+            math.prod(p["shape"]) for p in params.values() if p["key"] not in keys and not p["dtype"].startswith(("int", "uint", "bool"))
+        )
         keys |= {p["key"] for p in params.values()}
         nodes.append(
             {

@@ -146,10 +146,14 @@ class Model:
         return out
 
     def parameter_count(self) -> int:
+        """Numbers in the floating tensors the graph uses (tied tensors once; counters such as
+        batchnorm's num_batches_tracked are not parameters)."""
         import math
 
         keys = {node.param_key(r) for node in self.arch.nodes for r in get_op(node.op).params}
-        return sum(math.prod(self.tensors.shape(k)) for k in keys if k in self.tensors)
+        return sum(
+            math.prod(self.tensors.shape(k)) for k in keys if k in self.tensors and self.tensors.dtype(k).is_floating_point
+        )
 
 
 def infer_shapes(arch: Architecture, tensors: TensorStore, source: str = "<model>") -> dict:
