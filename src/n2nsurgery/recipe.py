@@ -431,7 +431,7 @@ def apply_recipe(
         except N2NError as e:  # name the step: the message from widen/deepen names only the node
             raise N2NError(f"{step.label}: {e}") from None
         if len(student.history) == before:  # the surgery left the record to its caller: add it
-            student.history.append(history_step(step.kind, step.args, s))
+            student.history = student.history + [history_step(step.kind, step.args, s)]  # a new list: never the teacher's
         # Say where the step came from, so the lineage reads back as one run of one recipe.
         student.history[-1] = dict(student.history[-1], command="apply", recipe=dict(recipe_ref, step=step.index))
         result, deviation = None, None
