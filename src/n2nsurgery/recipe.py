@@ -410,7 +410,7 @@ def apply_recipe(
         ['widen', 'widen', 'deepen']
     """
     from .diff import diff_models
-    from .surgery import check_student, history_step
+    from .surgery import check_noisy_widening, check_student, history_step
 
     base_seed = recipe.seed if seed is None else seed
     checking = recipe.verify.enabled if verify is None else verify
@@ -437,7 +437,8 @@ def apply_recipe(
         result, deviation = None, None
         noise_free = getattr(surgery_report, "noise_free", None)
         if checking and noise_free is not None:
-            result, deviation = _check_noisy_step(current, student, noise_free, step, s, settings, dev)
+            result, deviation = check_noisy_widening(current, student, noise_free, probes=settings.probes, seed=s, device=dev,
+                                                     atol=settings.atol, rtol=settings.rtol, what=step.label)
             noisy = True
         elif checking:
             result = check_student(
@@ -467,30 +468,6 @@ def apply_recipe(
 
 def _tolerance_given(settings: VerifySettings) -> bool:
     return settings.atol is not None or settings.rtol is not None
-
-
-def _check_noisy_step(teacher, student, noise_free, step: Step, seed: int, settings: VerifySettings, device: str):
-    """A widening with noise, checked as ``n2n widen --noise`` checks it.
-
-    Noise is not exact by design, so the noise-free widening (same map, same split) must pass
-    strictly, at the dtype's default tolerance; then the deviation the noise adds is measured,
-    and judged only against a tolerance the recipe gives (``verify: {atol: ...}``); without one
-    the dtype's default tolerance is used for the figures only and ``passed`` is ignored.
-    """
-    from .surgery import check_student, verification_summary
-    from .verify import verify as run_verify
-
-    result = check_student(teacher, noise_free, probes=settings.probes, seed=seed, device=device, what=step.label)
-    deviation = run_verify(teacher, student, probes=settings.probes, seed=seed, device=device, atol=settings.atol, rtol=settings.rtol)
-    noise = {"max_abs": deviation.max_abs, "max_rel": deviation.max_rel}
-    student.history[-1] = dict(student.history[-1], verification=dict(verification_summary(result), noise_deviation=noise))
-    if _tolerance_given(settings) and not deviation.passed:  # without one, the figure is only reported
-        raise VerificationFailed(
-            f"{step.label}: the noise (σ={step.args.get('noise', 0):g}) moves the outputs by {deviation.max_abs:.3g}, "
-            f"beyond the recipe's verify tolerance; nothing was written",
-            deviation,
-        )
-    return result, noise
 
 
 def _check_end_to_end(teacher, student, seed: int, settings: VerifySettings, device: str, noisy: bool):

@@ -46,3 +46,33 @@ def check_student(teacher, student, *, probes: int = 64, seed: int = 0, device: 
             result,
         )
     return result
+
+
+def check_noisy_widening(teacher, student, noise_free, *, probes: int = 64, seed: int = 0, device: str = "auto",
+                         atol: Optional[float] = None, rtol: Optional[float] = None, what: str = "the widening") -> tuple:
+    """Check a widening with the paper's noise, which is not exact by design.
+
+    The noise-free widening (same map, same split) must pass strictly, at the dtype's default
+    tolerance. Then the deviation the noise adds is measured; it is judged only against a
+    tolerance the user gives (`atol`/`rtol`), otherwise it is only reported. The figures go into
+    the student's last history step.
+
+    Returns:
+        ``(result, deviation)``: the strict result of the noise-free student, and
+        ``{"max_abs", "max_rel"}`` of the noisy one against the teacher.
+
+    Raises:
+        VerificationFailed: the noise-free widening is not exact, or the noise moves the outputs
+            beyond a given tolerance.
+    """
+    result = check_student(teacher, noise_free, probes=probes, seed=seed, device=device, what=what)
+    measured = verify(teacher, student, probes=probes, seed=seed, atol=atol, rtol=rtol, device=device)
+    deviation = {"max_abs": measured.max_abs, "max_rel": measured.max_rel}
+    if student.history:
+        student.history[-1] = dict(student.history[-1], verification=dict(verification_summary(result), noise_deviation=deviation))
+    if (atol is not None or rtol is not None) and not measured.passed:
+        raise VerificationFailed(
+            f"{what}: the noise moves the outputs by {measured.max_abs:.3g}, beyond the given tolerance; nothing was written",
+            measured,
+        )
+    return result, deviation
