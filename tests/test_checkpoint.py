@@ -220,12 +220,18 @@ _SAVE_SCRIPT = textwrap.dedent(
 def test_same_input_same_bytes_across_processes(tmp_path):
     ckpt, arch = example_paths("resnet")
     outs = []
-    for i, hashseed in enumerate(["1", "2", "12345"]):  # different hash seeds: different dict/set orders
+    for i, hashseed in enumerate(["1", "12345"]):  # different hash seeds: different dict/set orders
         out = str(tmp_path / f"out{i}.safetensors")
         env = dict(os.environ, PYTHONHASHSEED=hashseed)
         subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, ckpt, arch, out], check=True, env=env, timeout=120)
         outs.append(open(out, "rb").read())
-    assert outs[0] == outs[1] == outs[2]
+    assert outs[0] == outs[1]
+    # Two processes could agree by chance; the header's key order is what makes them agree always.
+    hlen = int.from_bytes(outs[0][:8], "little")
+    header = json.loads(outs[0][8 : 8 + hlen], object_pairs_hook=lambda pairs: pairs)
+    assert [k for k, _ in header] == sorted(k for k, _ in header)
+    meta = dict(header)["__metadata__"]
+    assert [k for k, _ in meta] == sorted(k for k, _ in meta)
     with safe_open(str(tmp_path / "out0.safetensors"), framework="pt") as f:
         assert len(f.metadata()) >= 5  # enough keys that an unsorted header would show
 
