@@ -123,15 +123,21 @@ def test_changed_tensors_are_computed_once_while_writing(tmp_path):
     assert torch.equal(lazy_model.tensors.get("fc3.weight"), w * 2)
 
 
-def test_released_pages_read_back_unchanged(tmp_path):
-    ckpt_path, arch = example_paths("cnn")
-    ckpt = open_checkpoint(ckpt_path)
-    want = load_file(ckpt_path)
-    views = {k: ckpt.get(k) for k in ckpt.keys()}
+def test_get_reads_fresh_tensors_that_never_reach_the_file(tmp_path):
+    """get() reads into new memory (freed with the tensor), so a pass over every tensor holds one."""
+    path = tmp_path / "m.safetensors"
+    write_checkpoint(str(path), mixed_tensors(), {"format": "pt"})
+    before = path.read_bytes()
+    ckpt = open_checkpoint(str(path))
+    want = load_file(str(path))
     for k in ckpt.keys():
-        ckpt.release(k)
-    for k, v in views.items():  # views made before the release still read the file's values
-        assert torch.equal(v, want[k]), k
+        a, b = ckpt.get(k), ckpt.get(k)
+        assert torch.equal(a, want[k]) and a.dtype == want[k].dtype, k
+        if a.numel():
+            assert a.data_ptr() != b.data_ptr()  # two reads, two tensors: not views of one map
+            a.reshape(-1).view(torch.uint8).fill_(7)  # writing into a read tensor ...
+            assert torch.equal(ckpt.get(k), want[k]), k  # ... changes neither later reads
+    assert path.read_bytes() == before  # ... nor the file
 
 
 def test_surgery_output_is_byte_identical_for_file_stdin_and_stdout(runner, tmp_path):

@@ -4,8 +4,10 @@ Why our own header handling rather than ``safetensors.torch.load_file``/``save_f
 
 * the reader validates the header itself, so a truncated or corrupt file gets one clear message
   naming the file and what is wrong, before any tensor is touched;
-* tensors are views into a copy-on-write memory map: nothing is read until it is used, and
-  nothing we do can ever write to the input file;
+* nothing is read until it is used: :meth:`Checkpoint.get` reads one tensor into fresh memory
+  (``pread``), which is freed when the tensor is dropped, so memory holds the tensors in use and
+  not every tensor ever read (as pages of a memory map would); nothing we do with a tensor can
+  reach the input file;
 * ``save_file`` writes the metadata map in a different key order in each process (GUIDE 5), so
   "same seed, same bytes" needs a header we write ourselves, with sorted keys; writing it
   ourselves also lets us stream tensor bytes one at a time instead of building the whole file in
@@ -51,8 +53,6 @@ DTYPES = {
 }
 CODES = {v: k for k, v in DTYPES.items()}
 
-# Linux: drop pages of a private mapping (clean ones come back from the page cache on next read).
-_DONTNEED = getattr(mmap, "MADV_DONTNEED", None) if sys.platform.startswith("linux") else None
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 STDIN = "-"
 
@@ -109,36 +109,33 @@ class Checkpoint:
         return self.infos[key].dtype
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor stored under `key`, as a view of the file's memory map (no copy)."""
+        """The tensor stored under `key`, read from the file now (a fresh tensor, never a view).
+
+        Reading into fresh memory rather than viewing the memory map is what keeps a pass over
+        every tensor (verification, finiteness checks) at the memory of one tensor: pages of a
+        map that were read stay counted against this process until it ends.
+        """
         info = self.infos[key]
-        count = math.prod(info.shape)
-        if count == 0:
+        if math.prod(info.shape) == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        itemsize = torch.empty((), dtype=info.dtype).element_size()
-        if info.start % itemsize:  # unaligned: frombuffer needs alignment, so copy this one
-            data = bytearray(self._buffer[info.start : info.end])
-            return torch.frombuffer(data, dtype=info.dtype).reshape(info.shape)
-        return torch.frombuffer(self._buffer, dtype=info.dtype, count=count, offset=info.start).reshape(info.shape)
+        if self._file is None:  # standard input: already in memory, so a view costs nothing
+            if info.start % info.dtype.itemsize:  # frombuffer needs alignment: copy this one
+                return torch.frombuffer(bytearray(self._buffer[info.start : info.end]), dtype=info.dtype).reshape(info.shape)
+            return torch.frombuffer(self._buffer, dtype=info.dtype, count=math.prod(info.shape), offset=info.start).reshape(info.shape)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        fd, pos, done = self._file.fileno(), info.start, 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done : done + _CHUNK]], pos + done)
+            if n <= 0:
+                raise N2NError(f"{self.source}: the file became shorter while it was being read (was it overwritten?)")
+            done += n
+        return out
 
     def raw(self, key: str) -> memoryview:
         """The stored bytes of `key`, without going through a tensor."""
         info = self.infos[key]
         return memoryview(self._buffer)[info.start : info.end]
-
-    def release(self, key: str) -> None:
-        """Drop the pages of `key` from this process's memory; nothing is lost.
-
-        The mapping is a private, never-written view of the file, so its pages are clean: the
-        kernel keeps them in its page cache and a later read of the tensor (even through a view
-        made before) faults them back in. Without this, every tensor a verification has read
-        would count towards this process's memory until the end.
-        """
-        if not isinstance(self._buffer, mmap.mmap) or _DONTNEED is None:
-            return
-        info = self.infos[key]
-        start = info.start - info.start % mmap.PAGESIZE  # madvise wants a page-aligned start
-        if info.end > start:
-            self._buffer.madvise(_DONTNEED, start, info.end - start)
 
     def span(self, key: str) -> Optional["FileSpan"]:
         """Where the bytes of `key` lie in the input file; None when read from standard input."""

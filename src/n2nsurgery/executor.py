@@ -69,8 +69,8 @@ def run(model, inputs: Mapping[str, torch.Tensor], device="cpu", dtype: torch.dt
     """Outputs of `model` (in ``arch.outputs`` order) for batched `inputs`, in inference mode.
 
     Float inputs and parameters are cast to `dtype` (default: :func:`compute_dtype`); integer
-    inputs keep their dtype. Parameters move to `device` one node at a time and are released
-    after it, so a model larger than the GPU's (or this machine's) memory streams through.
+    inputs keep their dtype. Parameters are read and moved to `device` one node at a time and
+    dropped after it, so a model larger than the GPU's (or this machine's) memory streams through.
     `on_node` is called after every node (progress bars).
     """
     device = torch.device(device)
@@ -97,9 +97,6 @@ def run(model, inputs: Mapping[str, torch.Tensor], device="cpu", dtype: torch.dt
                 values[node.name] = op.forward([values[s] for s in node.inputs], params, node.resolved_attrs())
             except RuntimeError as e:  # shapes were checked, so this is a device or memory problem
                 raise N2NError(f"node {node.name!r} ({node.op}) failed on {device}: {str(e).splitlines()[0]}") from None
-            del params
-            for role in op.params:  # unmap this node's checkpoint pages: memory stays at ~one layer
-                model.tensors.release(node.param_key(role))
             if on_node is not None:
                 on_node()
             for src in set(node.inputs):

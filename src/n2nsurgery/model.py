@@ -61,12 +61,6 @@ class TensorStore:
             return self.base.get(key)
         raise KeyError(key)
 
-    def release(self, key: str) -> None:
-        """Let go of the memory pages `key` occupies in the input's memory map, if it comes from
-        there (a later read faults them back in). Callers use it to keep memory at about one layer."""
-        if key not in self.changes and self.base is not None and key in self.base and hasattr(self.base, "release"):
-            self.base.release(key)
-
     def shape(self, key: str) -> tuple:
         if key in self.changes:
             return tuple(self.changes[key].shape)

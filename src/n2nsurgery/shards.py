@@ -152,9 +152,6 @@ class ShardedCheckpoint:
     def span(self, key: str) -> Optional[FileSpan]:
         return self._where[key].span(key)
 
-    def release(self, key: str) -> None:
-        self._where[key].release(key)
-
     def shard_of(self, key: str) -> str:
         """The file name of the shard holding `key`."""
         return os.path.basename(self._where[key].source)
