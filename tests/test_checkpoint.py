@@ -315,7 +315,7 @@ def test_real_pipe_between_processes(tmp_path):
 # --------------------------------------------------------------------------- input untouched
 
 
-def test_tensors_are_copy_on_write_views(tmp_path):
+def test_writing_into_a_loaded_tensor_never_reaches_the_file(tmp_path):
     path = tmp_path / "m.safetensors"
     path.write_bytes(open(example_paths("mlp")[0], "rb").read())
     before = _sha(path)
