@@ -96,6 +96,29 @@ def make(kind: str, dest: str, layers: int, width: int, shard: str | None) -> No
         f.write(arch_yaml(layers, width, kind))
 
 
+def phases(ckpt: str, arch: str, layer: str, width: int, out: str) -> None:
+    """Time the stages of `n2n widen --no-verify` in one process; print them as JSON."""
+    t0 = time.perf_counter()
+    import n2nsurgery.cli  # noqa: F401  (what the command imports: torch, typer, rich, ...)
+    from n2nsurgery import load_model, save_model
+    from n2nsurgery.widen import widen
+
+    t1 = time.perf_counter()
+    teacher = load_model(ckpt, arch)
+    student, _ = widen(teacher, layer, width)
+    t2 = time.perf_counter()
+    try:
+        from n2nsurgery.guards import check_finite
+    except ImportError:  # older trees have no finiteness guard
+        check_finite = None
+    if check_finite is not None:
+        check_finite(teacher)
+    t3 = time.perf_counter()
+    save_model(student, out)
+    t4 = time.perf_counter()
+    print(json.dumps({"import": t1 - t0, "load_plan": t2 - t1, "finite_scan": t3 - t2, "write": t4 - t3}))
+
+
 # ---------------------------------------------------------------------------- measuring
 
 
@@ -146,7 +169,12 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--make", nargs=4, metavar=("KIND", "DEST", "LAYERS", "WIDTH"), help=argparse.SUPPRESS)
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--phases", nargs=5, metavar=("CKPT", "ARCH", "LAYER", "WIDTH", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.phases:
+        ckpt, arch, layer, width, out = args.phases
+        phases(ckpt, arch, layer, int(width), out)
+        return
     if args.make:
         kind, dest, layers, width = args.make
         make(kind, dest, int(layers), int(width), args.shard)
@@ -183,6 +211,13 @@ def main() -> None:
             widen_runs.append(measured(widen_cmd))
         remove(copy)
         startup = [measured([n2n, "--version"])["seconds"] for _ in range(3)]
+        stages = []
+        for _ in range(3):  # where the time of one widen goes, measured inside the process
+            remove(out)
+            p = subprocess.run([sys.executable, __file__, "--phases", dense, arch, f"fc{layers // 2}", str(new_width), out],
+                               check=True, capture_output=True, text=True)
+            stages.append(json.loads(p.stdout))
+        stage_median = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
         cp_med = statistics.median(r["seconds"] for r in cp_runs)
         widen_med = statistics.median(r["seconds"] for r in widen_runs)
         figures["f32"] = {
@@ -197,6 +232,7 @@ def main() -> None:
             "widen_median": widen_med,
             "ratio": widen_med / cp_med,
             "startup_median": statistics.median(startup),
+            "stages_median": stage_median,
             "rss_bound": bound(f32_largest_out),
         }
 
@@ -252,6 +288,9 @@ def report(fig: dict) -> None:
     print(f"  widen   median {f['widen_median']:.2f} s   runs " + " ".join(f"{s:.2f}" for s in f["widen_seconds"])
           + f"   (of which interpreter + torch start-up ~{f['startup_median']:.2f} s)")
     print(f"  ratio widen / cp = {f['ratio']:.2f} ({ok(f['ratio'] <= 1.5)}: <= 1.5)")
+    st = f["stages_median"]
+    print("  inside one widen: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in st.items())
+          + f"; the write alone is {st['write'] / f['cp_median']:.2f} x cp")
     worst = max(f["widen_peak_rss"])
     print(f"  widen peak RSS " + ", ".join(fmt_bytes(r) for r in f["widen_peak_rss"])
           + f"; checkpoint {fmt_bytes(f['checkpoint_bytes'])}, largest tensor {fmt_bytes(f['largest_tensor_in'])} in / "
