@@ -220,6 +220,11 @@ def _parse(buffer, source: str, size: int, file=None) -> Checkpoint:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         bad("corrupt header: __metadata__ must map strings to strings")
+    for text in [*metadata, *metadata.values(), *header]:
+        try:  # JSON can escape lone surrogates ("\udc80"), which no UTF-8 file can hold
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            bad(f"corrupt header: name or metadata {text[:60]!r} is not valid Unicode (it holds a lone surrogate)")
 
     data_start = 8 + hlen
     data_len = size - data_start
@@ -229,10 +234,10 @@ def _parse(buffer, source: str, size: int, file=None) -> Checkpoint:
         if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
             bad(f"corrupt header entry for tensor {key!r}")
         code = entry.get("dtype")
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:
             bad(f"tensor {key!r} has dtype {code!r}, which this tool does not support")
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in shape):
             bad(f"tensor {key!r} has an invalid shape {shape!r}")
         offs = entry.get("data_offsets")
         if (

@@ -196,6 +196,7 @@ def deepen(
         raise N2NError(_not_exact_message(after, phi, ranges[after]))
 
     dtype = _param_dtype(model)
+    _check_memory(after, layer_op, width, hidden or width if residual else None, kernel_size, dtype)
     names = _plan_names(model, after, name, residual, uses_conv, phi, batchnorm)
     if residual:
         nodes, tensors, layer = _residual_branch(
@@ -524,3 +525,16 @@ def _insert(arch: Architecture, after: str, nodes: list) -> tuple:
     at = new.node_names().index(after) + 1 if new.has_node(after) else 0
     new.nodes[at:at] = [Node(n.name, n.op, list(n.inputs), dict(n.attrs), dict(n.params)) for n in nodes]
     return new, rewired, outputs
+
+
+def _check_memory(after: str, layer_op: str, width: int, hidden: Optional[int], kernel_size: int, dtype) -> None:
+    """Refuse a new layer whose weights would not fit in memory, before building any of them
+    (a huge --hidden or --kernel-size, or an identity matrix over a very wide value)."""
+    from .guards import check_allocation
+
+    taps = kernel_size ** int(layer_op[4]) if layer_op.startswith("conv") else 1
+    elements = width * (hidden or width) * taps  # one weight; a residual branch has two
+    total = elements * (2 if hidden else 1) * dtype.itemsize + elements * 4  # + the float32 build
+    what = f"deepening after {after!r} with a {layer_op} layer of {elements} weights"
+    instead = "use a smaller --hidden or --kernel-size" if hidden or taps > 1 else "deepen after a narrower value"
+    check_allocation(total, what, instead, elements=elements)

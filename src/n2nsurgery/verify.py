@@ -93,6 +93,23 @@ def make_probes(arch, n: int, seed: int) -> dict:
     return out
 
 
+def _check_memory(a, b, probes: int) -> None:
+    """Refuse before allocating when the probes, or one chunk of probes through the widest value
+    of either model, cannot fit in memory (a typo in --probes or in an input shape)."""
+    from .guards import check_allocation
+
+    per_sample = sum(math.prod(spec.shape) for spec in a.arch.inputs.values())
+    chunk = min(probes, PROBE_CHUNK)
+    name, widest = max(((n, math.prod(s)) for m in (a, b) for n, s in m.shapes.items()), key=lambda t: t[1])
+    nbytes = 8 * (probes * per_sample + 2 * chunk * widest)  # float64 at worst; a value and its producer's input
+    check_allocation(
+        nbytes,
+        f"running the models on {probes} probes (the widest value, {name!r}, holds {widest} numbers per sample)",
+        "use fewer --probes, or check the architecture's shapes",
+        elements=max(probes * per_sample, chunk * widest),
+    )
+
+
 def _same_inputs(a, b) -> None:
     ia = {k: (tuple(v.shape), v.dtype, v.high) for k, v in a.arch.inputs.items()}
     ib = {k: (tuple(v.shape), v.dtype, v.high) for k, v in b.arch.inputs.items()}
@@ -152,6 +169,7 @@ def verify(a, b, probes: int = 64, seed: int = 0, atol: Optional[float] = None, 
     if probes < 1:
         raise N2NError(f"--probes must be at least 1, got {probes}")
     _same_inputs(a, b)
+    _check_memory(a, b, probes)
     dev = resolve_device(device)
     d_atol, d_rtol = default_tolerance(a, b)
     atol = d_atol if atol is None else atol

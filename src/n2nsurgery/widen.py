@@ -374,9 +374,11 @@ def plan_group(model, layer: str, width: int, split: str = "equal", seed: int = 
         )
     if split not in SPLITS:
         raise N2NError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    _check_memory(model, layer, width)  # before drawing a map of `width` entries
     gen = torch.Generator().manual_seed(seed)
     ctx = WidenContext(model, layer)
     ctx.run(layer, axis, UnitMap.draw(n, width, split, gen))
+    _check_memory(model, layer, width, ctx.remaps)  # before any tensor of the group is built
     return ctx
 
 
@@ -463,3 +465,30 @@ def widen_group(model, layer: str) -> tuple:
 def _one_more(model, layer: str) -> int:
     node = model.arch.node(layer)
     return model.shapes[layer][unit_axis(model, node)] + 1
+
+
+def _check_memory(model, layer: str, width: int, remaps: Optional[dict] = None) -> None:
+    """Refuse a widening whose new tensors would not fit in memory, before allocating them.
+
+    Without `remaps` (before the walk) the estimate is the layer's own new weight and the unit
+    map; with them, every remapped tensor at its new size plus the float64 working copy of the
+    largest one (see :func:`_apply`).
+    """
+    from .guards import check_allocation
+
+    key = model.arch.node(layer).param_key("weight")
+    dtype = model.tensors.dtype(key)
+    if remaps is None:
+        per_unit = math.prod(model.tensors.shape(key)[1:])
+        sizes = [width * per_unit]
+        total = sizes[0] * (dtype.itemsize + 8) + width * 17  # weight, float64 copy, map
+    else:
+        sizes, total = [0], 0
+        for k, dims in remaps.items():
+            shape = list(model.tensors.shape(k))
+            for dim, (umap, _, _) in dims.items():
+                shape[dim] = umap.size
+            sizes.append(math.prod(shape))
+            total += sizes[-1] * model.tensors.dtype(k).itemsize
+        total += 16 * max(sizes)
+    check_allocation(total, f"widening {layer!r} to {width} units", "choose a smaller --width", elements=max(sizes))

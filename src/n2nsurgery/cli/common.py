@@ -61,6 +61,8 @@ AtolOpt = Annotated[Optional[float], typer.Option("--atol", min=0.0, help="Absol
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", min=0.0, help="Tolerance relative to max|y_A| (default by dtype: float32 1e-4).", rich_help_panel="Verification", show_default=False)]
 VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check the student computes the teacher's function before writing.", rich_help_panel="Verification")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on standard output.", rich_help_panel="Output")]
+OverwriteInputOpt = Annotated[bool, typer.Option("--overwrite-input", help="Allow -o to name an input file: it is replaced (atomically, once the new checkpoint is complete) and the original is gone.", rich_help_panel="Output")]
+AllowNonfiniteOpt = Annotated[bool, typer.Option("--allow-nonfinite", help="Go ahead when the checkpoint's parameters hold NaN or Inf (refused by default: matching NaNs would make any comparison pass).", rich_help_panel="Model")]
 
 
 def _shard_size(value) -> Optional[int]:
@@ -165,17 +167,24 @@ def print_verify(result) -> None:
 
 def finish_surgery(teacher, student, report: dict, *, output: str, verify: bool, probes: int, seed: int,
                    device: str, atol, rtol, json_out: bool, what: str, print_report=None, result=None,
-                   max_shard_size: Optional[int] = None) -> None:
+                   max_shard_size: Optional[int] = None, overwrite_input: bool = False,
+                   allow_nonfinite: bool = False) -> None:
     """Verify the student against the teacher (unless --no-verify), write it, and report.
 
     A student that fails verification is not written (exit 1). `report` is the surgery's own
     JSON-ready report; `print_report` renders it for humans on stderr. A caller that verified
     already (widen with noise verifies the noise-free student) passes its `result`.
     `max_shard_size` (from :data:`MaxShardSizeOpt`) writes a sharded checkpoint folder.
+    Before any of that, the output must not be an input (unless `overwrite_input`,
+    :data:`OverwriteInputOpt`), its folder must exist, and the teacher's parameters must be
+    finite (unless `allow_nonfinite`, :data:`AllowNonfiniteOpt`); see :mod:`n2nsurgery.guards`.
     """
+    from ..guards import check_finite, check_output, input_paths
     from ..model import save_model
     from ..surgery import check_student
 
+    check_output(output, input_paths(teacher), overwrite_input, folder=max_shard_size is not None)
+    check_finite(teacher, allow_nonfinite)
     if verify and result is None:
         result = check_student(teacher, student, probes=probes, seed=seed, device=device, atol=atol, rtol=rtol, what=what)
     save_model(student, output, max_shard_size=max_shard_size)

@@ -13,6 +13,7 @@ from ..deepen import deepen
 from ..model import load_model
 from . import app
 from .common import (
+    AllowNonfiniteOpt,
     ArchOpt,
     AtolOpt,
     CheckpointArg,
@@ -20,6 +21,7 @@ from .common import (
     DeviceOpt,
     JsonOpt,
     OutputOpt,
+    OverwriteInputOpt,
     ProbesOpt,
     RtolOpt,
     SeedOpt,
@@ -61,6 +63,8 @@ def deepen_cmd(
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     json_out: JsonOpt = False,
+    overwrite_input: OverwriteInputOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
 ):
     """Net2DeeperNet: insert a new layer after --after, initialised so the function is unchanged.
 
@@ -93,6 +97,8 @@ def deepen_cmd(
         json_out=json_out,
         what=f"deepening after {after!r}",
         print_report=_print_report,
+        overwrite_input=overwrite_input,
+        allow_nonfinite=allow_nonfinite,
     )
 
 

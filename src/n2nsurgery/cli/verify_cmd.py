@@ -10,7 +10,8 @@ from ..errors import N2NError
 from ..model import load_model
 from ..verify import verify
 from . import app
-from .common import AtolOpt, DeviceChoice, DeviceOpt, JsonOpt, ProbesOpt, RtolOpt, SeedOpt, command, emit_json, print_verify
+from ..guards import check_finite
+from .common import AllowNonfiniteOpt, AtolOpt, DeviceChoice, DeviceOpt, JsonOpt, ProbesOpt, RtolOpt, SeedOpt, command, emit_json, print_verify
 
 
 @app.command("verify")
@@ -27,6 +28,7 @@ def verify_cmd(
     rtol: RtolOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
     json_out: JsonOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
 ):
     """Run A and B on the same random probes; exit 0 when every output agrees within tolerance, 1 when not."""
     if a == "-" and b == "-":
@@ -34,6 +36,8 @@ def verify_cmd(
     arch_a = arch_a or arch
     model_a = load_model(a, arch_a)
     model_b = load_model(b, arch_b or arch, fallback_arch=arch_a)
+    check_finite(model_a, allow_nonfinite)  # NaN in both would "match" and pass
+    check_finite(model_b, allow_nonfinite)
     result = verify(model_a, model_b, probes=probes, seed=seed, atol=atol, rtol=rtol, device=device.value)
     if json_out:
         emit_json(result.to_dict())

@@ -16,8 +16,8 @@ from ..verify import verify as run_verify
 from ..widen import widen
 from . import app
 from .common import (
-    ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, MaxShardSizeOpt, OutputOpt, ProbesOpt,
-    RtolOpt, SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
+    AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, MaxShardSizeOpt, OutputOpt,
+    OverwriteInputOpt, ProbesOpt, RtolOpt, SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
 )
 
 
@@ -67,6 +67,8 @@ def widen_cmd(
     rtol: RtolOpt = None,
     json_out: JsonOpt = False,
     max_shard_size: MaxShardSizeOpt = None,
+    overwrite_input: OverwriteInputOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
 ):
     """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
     check_json_target(json_out, output)
@@ -87,4 +89,5 @@ def widen_cmd(
             raise VerificationFailed(f"the noise (σ={noise:g}) moves the outputs beyond the given tolerance; nothing was written", deviation)
     finish_surgery(teacher, student, info, output=output, verify=verify, probes=probes, seed=seed,
                    device=device.value, atol=atol, rtol=rtol, json_out=json_out, what=f"widening {layer!r}",
-                   print_report=print_widen_report, result=result, max_shard_size=max_shard_size)
+                   print_report=print_widen_report, result=result, max_shard_size=max_shard_size,
+                   overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite)

@@ -75,8 +75,9 @@ def _widen(ctx, node, event):
     if event.kind == "output":
         if mult != 1:
             ctx.refuse(node, "a depthwise convolution with a channel multiplier can only be widened from its input side; widen the layer that feeds it")
+        # Its input gets the same map; the walk does not echo that back to this rule (the rule
+        # that assigned a value is not told about it), so remap the kernels here as well.
         ctx.assign(node.inputs[0], 0, event.map)
-        return
     out_map = event.map if mult == 1 else event.map.along((cin, mult), 0)
     ctx.remap(node, "weight", 0, out_map, "copy")
     ctx.remap(node, "bias", 0, out_map, "copy")

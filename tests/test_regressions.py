@@ -1,0 +1,181 @@
+"""One named test per bug the property and fuzz tests found (issue 6), so each stays fixed.
+
+Each docstring says what went wrong before the fix. Exactness checks build the teacher and the
+student as ordinary ``torch.nn`` modules and compare them in eval mode by max |Δ|.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import n2nsurgery as n2n
+from conftest import example_paths, max_abs_diff
+from n2nsurgery.cli import app
+from n2nsurgery.errors import N2NError
+from n2nsurgery.widen import widen
+
+MLP_CKPT, MLP_ARCH = example_paths("mlp")
+
+
+def _refused(result, *fragments) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def _raw_checkpoint(path, header: dict, data: bytes) -> str:
+    raw = json.dumps(header).encode("utf-8", "surrogatepass")
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return str(path)
+
+
+# ------------------------------------------------------------------------ widen through depthwise
+
+
+class DepthwiseBranchPlusSkip(nn.Module):
+    """fc(flatten(dw(a(x)) + b(x))): a depthwise conv on one operand of a residual add."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.a = nn.Conv2d(2, c, 1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.b = nn.Conv2d(2, c, 1)
+        self.fc = nn.Linear(c * 36, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.dw(self.a(x)) + self.b(x), 1))
+
+
+DEPTHWISE_YAML = """format: n2n-arch/1
+inputs:
+  x: {shape: [2, 6, 6], dtype: float32}
+nodes:
+  - {name: a, op: conv2d, in: x}
+  - {name: dw, op: conv2d, in: a, padding: 1, groups: 4}
+  - {name: b, op: conv2d, in: x}
+  - {name: sum, op: add, in: [dw, b]}
+  - {name: flat, op: flatten, in: sum}
+  - {name: fc, op: linear, in: flat}
+outputs: [fc]
+"""
+
+
+@pytest.mark.parametrize("layer", ["b", "a"])
+def test_widen_reaching_a_depthwise_conv_from_its_output_side(layer):
+    """Widening `b` pulls the add's other operand, the depthwise conv's OUTPUT, into the group.
+    The depthwise rule then assigned its input's map but never remapped its own kernels or
+    `groups` (the walk does not echo a value back to the rule that assigned it), so the student
+    failed its own shape check and the request was refused with "groups=4 does not divide the 6
+    input channels". Found by test_property_graphs."""
+    torch.manual_seed(0)
+    teacher = DepthwiseBranchPlusSkip(4).eval()
+    model = n2n.model_from_state_dict(DEPTHWISE_YAML, teacher.state_dict())
+    student_model, report = widen(model, layer, 6, split="random", seed=3)
+    assert student_model.arch.node("dw").attrs["groups"] == 6
+    student = DepthwiseBranchPlusSkip(6).eval()
+    student.load_state_dict(student_model.tensors.to_dict())
+    x = torch.randn(16, 2, 6, 6)
+    with torch.no_grad():
+        want, got = teacher(x), student(x)
+    assert max_abs_diff(got, want) / float(want.abs().max()) <= 1e-5
+
+
+# ---------------------------------------------------------------------------- checkpoint headers
+
+
+def test_header_dtype_that_is_not_a_string(runner, tmp_path):
+    """A dtype of [] (any unhashable JSON value) crashed the header check with TypeError
+    (exit 3, "internal error"). Found by test_fuzz_inputs."""
+    w = struct.pack("<4f", 1, 2, 3, 4)
+    ckpt = _raw_checkpoint(tmp_path / "bad.safetensors", {"fc.weight": {"dtype": [], "shape": [2, 2], "data_offsets": [0, 16]}}, w)
+    _refused(runner.invoke(app, ["inspect", ckpt, "--arch", MLP_ARCH]), "bad.safetensors", "'fc.weight'", "dtype")
+
+
+@pytest.mark.parametrize("where", ["tensor name", "metadata"])
+def test_lone_surrogate_in_a_checkpoint_header(runner, tmp_path, where):
+    """JSON may escape a lone surrogate ("\\udc80"); the reader accepted it and the writer then
+    failed to encode the name (exit 3, UnicodeEncodeError). Now refused when read."""
+    sd = load_file(MLP_CKPT)
+    src = tmp_path / "ok.safetensors"
+    save_file(sd, str(src), metadata={"format": "pt"})
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    if where == "metadata":
+        header["__metadata__"]["note"] = "\udc80"
+    else:
+        end = len(data)
+        header["\udc80"] = {"dtype": "F32", "shape": [0], "data_offsets": [end, end]}
+    ckpt = _raw_checkpoint(tmp_path / "sur.safetensors", header, data)
+    out = tmp_path / "out.safetensors"
+    _refused(runner.invoke(app, ["deepen", ckpt, "--arch", MLP_ARCH, "--after", "relu1", "-o", str(out)]), "not valid Unicode")
+    assert not out.exists()
+
+
+def test_shape_dimension_beyond_int64(runner, tmp_path):
+    """A header shape [2**64, 0] (zero bytes, so the offsets check passed) was accepted and
+    copied into the output, a file no safetensors reader can open."""
+    sd = {k: v.contiguous() for k, v in load_file(MLP_CKPT).items()}
+    src = tmp_path / "ok.safetensors"
+    save_file(sd, str(src))
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    header["z"] = {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [len(data), len(data)]}
+    ckpt = _raw_checkpoint(tmp_path / "huge.safetensors", header, data)
+    _refused(runner.invoke(app, ["inspect", ckpt, "--arch", MLP_ARCH]), "'z'", "invalid shape")
+
+
+# ---------------------------------------------------------------------------- sizes and NaN
+
+
+def test_huge_width_is_refused_before_allocating(runner, tmp_path):
+    """--width 10**12 tried to allocate the unit map (8 TB) and died with "internal error:
+    RuntimeError: ... can't allocate memory" (exit 3)."""
+    out = tmp_path / "out.safetensors"
+    line = _refused(runner.invoke(app, ["widen", MLP_CKPT, "--arch", MLP_ARCH, "--layer", "fc1", "--width", str(10**12), "-o", str(out)]),
+                    "would need about")
+    assert "--width" in line
+    assert not out.exists()
+
+
+def test_huge_shapes_are_refused_before_verifying(runner, tmp_path):
+    """An input shape of [10**23] reached torch as an int64 overflow: exit 3 with a multi-line
+    C++ backtrace inside the "internal error" line."""
+    arch = tmp_path / "huge.yaml"
+    arch.write_text("format: n2n-arch/1\ninputs: {x: {shape: [100000000000000000000000]}}\n"
+                    "nodes: [{name: r, op: relu, in: x}]\noutputs: [r]\n")
+    ckpt = tmp_path / "e.safetensors"
+    save_file({"unused": torch.zeros(1)}, str(ckpt))
+    _refused(runner.invoke(app, ["verify", str(ckpt), str(ckpt), "--arch", str(arch)]), "would need about")
+
+
+def test_nan_models_no_longer_verify_as_equal(runner, tmp_path):
+    """Two checkpoints whose weights hold NaN "passed" verification (matching NaNs are equal and
+    nothing else was compared), and surgery on them was written as verified."""
+    sd = load_file(MLP_CKPT)
+    sd["fc1.weight"][:] = float("nan")
+    ckpt = tmp_path / "nan.safetensors"
+    save_file(sd, str(ckpt))
+    _refused(runner.invoke(app, ["verify", str(ckpt), str(ckpt), "--arch", MLP_ARCH]), "NaN or Inf", "--allow-nonfinite")
+    result = runner.invoke(app, ["verify", str(ckpt), str(ckpt), "--arch", MLP_ARCH, "--allow-nonfinite"])
+    assert result.exit_code == 0  # the user's explicit choice
+
+
+def test_check_allocation_names_the_step_and_the_figure():
+    from n2nsurgery.guards import check_allocation
+
+    with pytest.raises(N2NError, match=r"^widening 'x' to 10 units would need about "):
+        check_allocation(2**63, "widening 'x' to 10 units", "choose a smaller --width")
+    check_allocation(1024, "a small step", "nothing")  # fits: no error
