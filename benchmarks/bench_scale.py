@@ -203,10 +203,13 @@ def main() -> None:
         # Warm the page cache and the interpreter's bytecode cache; neither run is timed.
         measured(["cp", dense, copy]), remove(copy)
         measured(widen_cmd)
-        cp_runs, widen_runs = [], []
+        cp_runs, widen_runs, cp_sync_runs = [], [], []
         for _ in range(runs):  # interleaved, so drift in machine load hits both alike
             remove(copy)
             cp_runs.append(measured(["cp", dense, copy]))
+            remove(copy)
+            # like for like: n2n fsyncs its output before the atomic rename, cp does not
+            cp_sync_runs.append(measured(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", dense, copy]))
             remove(out)
             widen_runs.append(measured(widen_cmd))
         remove(copy)
@@ -229,6 +232,7 @@ def main() -> None:
             "widen_seconds": [r["seconds"] for r in widen_runs],
             "widen_peak_rss": [r["peak_rss"] for r in widen_runs],
             "cp_median": cp_med,
+            "cp_fsync_median": statistics.median(r["seconds"] for r in cp_sync_runs),
             "widen_median": widen_med,
             "ratio": widen_med / cp_med,
             "startup_median": statistics.median(startup),
@@ -285,6 +289,7 @@ def report(fig: dict) -> None:
     print(f"float32 checkpoint: {fmt_bytes(f['checkpoint_bytes'])}, {fig['layers']} layers {fig['width']}x{fig['width']}; "
           f"widen fc{fig['layers'] // 2} {fig['width']} -> {fig['new_width']} (output {fmt_bytes(f['output_bytes'])})")
     print(f"  cp      median {f['cp_median']:.2f} s   runs " + " ".join(f"{s:.2f}" for s in f["cp_seconds"]))
+    print(f"  cp+sync median {f['cp_fsync_median']:.2f} s   (cp, then fsync of the copy: what n2n's atomic write also does)")
     print(f"  widen   median {f['widen_median']:.2f} s   runs " + " ".join(f"{s:.2f}" for s in f["widen_seconds"])
           + f"   (of which interpreter + torch start-up ~{f['startup_median']:.2f} s)")
     print(f"  ratio widen / cp = {f['ratio']:.2f} ({ok(f['ratio'] <= 1.5)}: <= 1.5)")
