@@ -9,10 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import VerificationFailed
 from ..model import load_model
-from ..surgery import check_student, verification_summary
-from ..verify import verify as run_verify
+from ..surgery import check_noisy_widening
 from ..widen import widen
 from . import app
 from .common import (
@@ -77,16 +75,10 @@ def widen_cmd(
     info = report.to_dict()
     result = None
     if report.noise_free is not None and verify:
-        # Noise is not exact by design: prove the noise-free widening strictly, then measure what
-        # the noise adds. The noisy student must stay within a tolerance only when one is given.
-        result = check_student(teacher, report.noise_free, probes=probes, seed=seed, device=device.value, what=f"widening {layer!r}")
-        tol_given = atol is not None or rtol is not None
-        deviation = run_verify(teacher, student, probes=probes, seed=seed, device=device.value,
-                               atol=atol if tol_given else float("inf"), rtol=rtol if tol_given else 0.0)
-        info["noise_deviation"] = {"max_abs": deviation.max_abs, "max_rel": deviation.max_rel}
-        student.history[-1] = dict(student.history[-1], verification=dict(verification_summary(result), noise_deviation=info["noise_deviation"]))
-        if not deviation.passed:
-            raise VerificationFailed(f"the noise (σ={noise:g}) moves the outputs beyond the given tolerance; nothing was written", deviation)
+        result, info["noise_deviation"] = check_noisy_widening(
+            teacher, student, report.noise_free, probes=probes, seed=seed, device=device.value, atol=atol, rtol=rtol,
+            what=f"widening {layer!r}",
+        )
     finish_surgery(teacher, student, info, output=output, verify=verify, probes=probes, seed=seed,
                    device=device.value, atol=atol, rtol=rtol, json_out=json_out, what=f"widening {layer!r}",
                    print_report=print_widen_report, result=result, max_shard_size=max_shard_size,
