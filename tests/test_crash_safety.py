@@ -20,6 +20,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -28,6 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import n2nsurgery as n2n
 from conftest import example_paths, n2n_exe
 from n2nsurgery.cli import app
 
@@ -55,7 +57,6 @@ def sha(path) -> str:
 def big(tmp_path_factory):
     """A ~100 MB teacher (checkpoint, architecture) and the digest of an uninterrupted widening
     (computed in this process: same seed, same bytes, whichever process writes them)."""
-    import n2nsurgery as n2n
     from n2nsurgery.widen import widen
 
     folder = tmp_path_factory.mktemp("big")
@@ -75,7 +76,7 @@ def big(tmp_path_factory):
     expected = folder / "expected" / "out.safetensors"
     expected.parent.mkdir()
     n2n.save_model(student, str(expected))
-    return {"ckpt": ckpt, "arch": arch, "expected": sha(expected)}
+    return {"ckpt": ckpt, "arch": arch, "expected": sha(expected), "expected_path": expected}
 
 
 WIDTH, SEED = HIDDEN + 1024, 7
@@ -150,6 +151,24 @@ def test_sigkill_while_writing_leaves_no_partial_file(big, tmp_path):
     assert _temp_files(tmp_path, dest.name) == stale  # not ours to delete: another run may own one
 
 
+def test_sigkill_while_writing_a_sharded_checkpoint(big, tmp_path):
+    """A sharded output is written into a temporary folder renamed into place: after a kill the
+    destination folder is absent or complete (every shard and the index, the widened tensors)."""
+    dest = tmp_path / "student"
+    expected = load_file(str(big["expected_path"]))
+    for delay in (0.05, 0.4):
+        if dest.exists():
+            shutil.rmtree(dest)
+        cmd = _widen_cmd(big["ckpt"], big["arch"], dest, "--max-shard-size", "30MB")
+        what, when = _kill_at(cmd, tmp_path, dest.name, delay, True)
+        assert set(os.listdir(tmp_path)) - {dest.name} <= set(_temp_files(tmp_path, dest.name))
+        if dest.exists():  # complete: the index and every shard it names, the right tensors
+            model = n2n.load_model(str(dest))
+            assert sorted(model.tensors.keys()) == sorted(expected)
+            for k, t in expected.items():
+                assert torch.equal(model.tensors.get(k), t), f"{what} after {when:.2f} s: {k} differs"
+
+
 # ------------------------------------------------------------------------------ overwriting inputs
 
 
@@ -199,8 +218,6 @@ def test_overwrite_input_replaces_it_whole(runner, cnn, command):
     result = runner.invoke(app, WRITERS[command](ckpt, arch, ckpt) + ["--overwrite-input"])
     assert result.exit_code == 0, result.output
     assert sha(ckpt) != before
-    import n2nsurgery as n2n
-
     assert n2n.load_model(str(ckpt)).history, "the new file carries its history"
     assert sorted(os.listdir(ckpt.parent)) == ["cnn.safetensors", "cnn.yaml"]
 

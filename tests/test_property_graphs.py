@@ -241,6 +241,19 @@ class _Builder:
         self.nodes.append(entry)
         return name
 
+    def tied(self, like: str, v: str) -> str:
+        """Node `like` (a linear/conv) applied again to `v`, its tensors shared (tied) through
+        ``params:`` rather than copied."""
+        src = next(n for n in self.nodes if n["name"] == like)
+        name = self.name("tied")
+        keys = {role: f"{like}.{role}" for role in ("weight", "bias") if f"{like}.{role}" in self.sd}
+        attrs = {k: v for k, v in src.items() if k not in _NODE_KEYS}
+        entry = {"name": name, "op": src["op"], "in": v, **attrs, "params": keys}
+        params = {role: self.sd[key].to(torch.float64) for role, key in keys.items()}
+        self.vals[name] = FUNCTIONAL[src["op"]]([self.vals[v]], params, attrs)
+        self.nodes.append(entry)
+        return name
+
     # -- layers
 
     def width(self, lo=1, hi=7) -> int:
@@ -314,7 +327,7 @@ class _Builder:
 
     def spatial_block(self, v: str) -> str:
         kind = self.draw(
-            st.sampled_from(["conv", "conv", "depthwise", "grouped", "pool", "act", "bn", "concat", "residual", "projection", "gate", "se"])
+            st.sampled_from(["conv", "conv", "depthwise", "grouped", "pool", "act", "bn", "concat", "residual", "projection", "gate", "se", "tied"])
         )
         self.desc.append(kind)
         c, *spatial = self.shape(v)
@@ -345,6 +358,10 @@ class _Builder:
             return self.batchnorm(v)
         if kind == "concat":
             return self.concat(v, nd)
+        if kind == "tied":  # one conv applied to two values: joined by a concat (uncoupled) or an add
+            a = self.conv(v, k=1, same=True)
+            b = self.tied(a, self.act(v, "relu"))
+            return self.node(self.draw(st.sampled_from(["concat", "add"])), [self.act(a, "tanh"), b])
         if kind == "residual":  # identity skip: v + bn(conv(act(bn(conv(v)))))
             b = self.maybe_bn_act(self.conv(v, k=3 if min(spatial) >= 3 else 1, same=True))
             b = self.conv(b, out=c, k=3 if min(spatial) >= 3 else 1, same=True)
@@ -389,7 +406,7 @@ class _Builder:
     # -- feature blocks: [F] -> [F']
 
     def feature_block(self, v: str) -> str:
-        kind = self.draw(st.sampled_from(["linear", "linear", "act", "bn", "concat", "residual", "projection", "gate", "dropout"]))
+        kind = self.draw(st.sampled_from(["linear", "linear", "act", "bn", "concat", "residual", "projection", "gate", "dropout", "tied"]))
         self.desc.append(f"fc-{kind}")
         f = self.shape(v)[-1]
         if kind == "linear":
@@ -400,6 +417,10 @@ class _Builder:
             return self.batchnorm(v) if len(self.shape(v)) == 1 else self.act(v)
         if kind == "dropout":
             return self.act(v, "dropout")
+        if kind == "tied":  # one linear applied to two values, each with its own consumer
+            a = self.linear(v)
+            b = self.tied(a, self.act(v, "tanh"))
+            return self.node("concat", [self.linear(self.act(a, "relu")), self.linear(b)], dim=-1)
         if kind == "concat":
             parts = []
             for _ in range(self.draw(st.integers(2, 4))):

@@ -91,6 +91,78 @@ def test_widen_reaching_a_depthwise_conv_from_its_output_side(layer):
     assert max_abs_diff(got, want) / float(want.abs().max()) <= 1e-5
 
 
+class TiedBranches(nn.Module):
+    """One linear layer applied to x and to tanh(x) (tied weights), each result with its own head."""
+
+    def __init__(self, h: int = 5):
+        super().__init__()
+        self.a = nn.Linear(4, h)
+        self.fa = nn.Linear(h, 3)
+        self.fb = nn.Linear(h, 3)
+
+    def forward(self, x):
+        return self.fa(torch.relu(self.a(x))) + self.fb(torch.tanh(self.a(torch.tanh(x))))
+
+
+TIED_YAML = """format: n2n-arch/1
+inputs:
+  x: {shape: [4], dtype: float32}
+nodes:
+  - {name: a, op: linear, in: x}
+  - {name: ra, op: relu, in: a}
+  - {name: tx, op: tanh, in: x}
+  - {name: b, op: linear, in: tx, params: {weight: a.weight, bias: a.bias}}
+  - {name: tb, op: tanh, in: b}
+  - {name: fa, op: linear, in: ra}
+  - {name: fb, op: linear, in: tb}
+  - {name: out, op: add, in: [fa, fb]}
+outputs: [out]
+"""
+
+
+@pytest.mark.parametrize("layer", ["a", "b"])
+def test_widen_a_layer_whose_tensors_are_tied_to_another(layer):
+    """`b` reads `a`'s tensors (params: in the YAML). Widening either remapped the shared tensor
+    for one node only, so the other node's output grew without its consumer being remapped and
+    the request was refused with an internal shape error ("expects 5 input features but the
+    input has 7"). The tied layer produces the same units, so it now joins the group. Found by
+    test_property_graphs once it generated tied layers."""
+    torch.manual_seed(1)
+    teacher = TiedBranches(5).eval()
+    model = n2n.model_from_state_dict(TIED_YAML, teacher.state_dict())
+    student_model, _ = widen(model, layer, 7, split="random", seed=2)
+    student = TiedBranches(7).eval()
+    student.load_state_dict(student_model.tensors.to_dict())
+    x = torch.randn(32, 4)
+    with torch.no_grad():
+        want, got = teacher(x), student(x)
+    assert max_abs_diff(got, want) / float(want.abs().max()) <= 1e-5
+
+
+def test_a_tie_the_widening_cannot_follow_is_refused_clearly():
+    """A batchnorm sharing its statistics with one outside the group cannot be remapped alike."""
+    yaml_text = """format: n2n-arch/1
+inputs:
+  x: {shape: [3, 4, 4], dtype: float32}
+nodes:
+  - {name: c1, op: conv2d, in: x}
+  - {name: bn1, op: batchnorm, in: c1}
+  - {name: c2, op: conv2d, in: x}
+  - {name: bn2, op: batchnorm, in: c2, params: {running_mean: bn1.running_mean, running_var: bn1.running_var}}
+  - {name: cat, op: concat, in: [bn1, bn2]}
+  - {name: flat, op: flatten, in: cat}
+  - {name: fc, op: linear, in: flat}
+outputs: [fc]
+"""
+    g = torch.Generator().manual_seed(0)
+    sd = {"c1.weight": torch.randn(4, 3, 1, 1, generator=g), "c2.weight": torch.randn(4, 3, 1, 1, generator=g),
+          "bn1.running_mean": torch.randn(4, generator=g), "bn1.running_var": torch.rand(4, generator=g) + 0.5,
+          "fc.weight": torch.randn(2, 128, generator=g)}
+    model = n2n.model_from_state_dict(yaml_text, sd)
+    with pytest.raises(N2NError, match=r"tensor 'bn1.running_(mean|var)' is shared with node 'bn2'"):
+        widen(model, "c1", 6)
+
+
 # ---------------------------------------------------------------------------- checkpoint headers
 
 

@@ -145,6 +145,7 @@ class WidenContext:
         self._deferred: dict = {}  # key -> callable, run once the queue is empty
         self._current: Optional[str] = None  # the node whose rule is running
         self._origin: dict = {}  # value -> the node whose rule assigned it (not told again)
+        self._remapped_by: dict = {}  # tensor key -> nodes whose rules remapped it (tied tensors)
         self._by_name = {n.name: n for n in self.arch.nodes}
         self._readers: dict = {}
         for n in self.arch.nodes:
@@ -193,6 +194,7 @@ class WidenContext:
         key = node.param_key(role)
         if key not in self.model.tensors:
             return
+        self._remapped_by.setdefault(key, set()).add(node.name)
         dims = self.remaps.setdefault(key, {})
         if dim in dims:
             old_map, old_kind, _ = dims[dim]
@@ -241,6 +243,27 @@ class WidenContext:
                     self._deferred.pop(name)()
                 finally:
                     self._current = None
+            if not self._queue and not self._deferred:
+                self._pull_in_tied()
+
+    def _pull_in_tied(self) -> None:
+        """A tensor tied between nodes (two nodes naming one checkpoint key) is remapped for all
+        of them or for none. A tied linear/conv whose rows were remapped produces the same units,
+        so its output joins the group with the same map (and the walk goes on); any other tie the
+        walk did not reach is refused."""
+        for key, dims in list(self.remaps.items()):
+            rows = [m for m, kind, _ in dims.values() if kind == "rows"]
+            for node in self.arch.nodes:
+                roles = [r for r in get_op(node.op).params if node.param_key(r) == key]
+                if not roles or node.name in self._remapped_by.get(key, ()):
+                    continue
+                if node.op in PRODUCER_OPS and rows and roles[0] in ("weight", "bias") and self.attrs(node).get("groups", 1) == 1:
+                    self.assign(node.name, unit_axis(self.model, node), rows[0])
+                else:
+                    raise N2NError(
+                        f"cannot widen {self.layer!r} exactly: tensor {key!r} is shared with node {node.name!r}, which "
+                        "the widening cannot remap the same way; give that node its own copy (params: in the architecture)"
+                    )
 
 
 # ---------------------------------------------------------------------------- applying remaps
