@@ -86,7 +86,7 @@ def test_cli_table_and_json(runner, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert r.stdout == ""
     for text in ("relu2_deep", "conv2d", "conv1.weight", "[8, 3, 3, 3]", "[64, 3, 3, 3]", "fc.weight", "[10, 96]", "[10, 1536]",
-                 "parameters 1,844 →", "nodes 9 → 12"):
+                 "parameters 1,842 →", "nodes 9 → 12"):
         assert text in r.stderr, text
 
     r = runner.invoke(app, ["diff", ckpt, str(out), "--arch-a", arch, "--json"])
@@ -98,7 +98,7 @@ def test_cli_table_and_json(runner, tmp_path, monkeypatch):
     shapes = {t["key"]: (t["old_shape"], t["new_shape"]) for t in doc["tensors_reshaped"]}
     assert shapes["fc.weight"] == ([10, 96], [10, 128 * 4 * 3])
     assert shapes["conv2.weight"] == ([8, 8, 3, 3], [128, 64, 3, 3])
-    assert doc["parameters"]["a"] == 1844 and doc["parameters"]["b"] == load_model(str(out)).parameter_count()
+    assert doc["parameters"]["a"] == 1842 and doc["parameters"]["b"] == load_model(str(out)).parameter_count()
 
 
 def test_cli_reads_a_side_from_stdin(runner, tmp_path):
