@@ -241,7 +241,7 @@ def test_unreadable_file(runner, tmp_path, which):
         locked.chmod(0o600)
 
 
-@pytest.mark.parametrize("module", ["n2nsurgery.checkpoint", "n2nsurgery.arch"])
+@pytest.mark.parametrize("module", ["n2nsurgery.checkpoint", "n2nsurgery.yamlio"])
 def test_unreadable_file_even_as_root(runner, monkeypatch, module):
     """The same path as chmod 000, for machines where the tests run as root."""
     import importlib

@@ -343,6 +343,7 @@ BAD = [
     ("steps:\n  - deepen: {after: r}\nverify: maybe\n", "verify must be true, false or a mapping"),
     ("- widen: {layer: a, width: 2}\n", "a recipe must be a YAML mapping"),
     ("steps:\n  - widen: {layer: a, width: [\n", "malformed YAML"),
+    ("steps:\n  - widen: {layer: a, width: 2, width: 4}\n", "key 'width' is written twice in one mapping"),
 ]
 
 

@@ -30,9 +30,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import yaml
 
 from .errors import N2NError, VerificationFailed, did_you_mean
+from .yamlio import decode_text, parse_yaml, read_text_file
 
 _TOP_KEYS = ("seed", "steps", "verify", "description")
 _VERIFY_KEYS = ("probes", "atol", "rtol", "device")
@@ -187,24 +187,8 @@ def load_recipe(path: str) -> Recipe:
         if not raw.strip():
             raise N2NError("standard input is empty: no recipe was piped in")
         path = "<stdin>"
-        return parse_recipe(_decode(raw, path), source=path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise N2NError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise N2NError(f"{path}: is a folder, not a recipe file") from None
-    except OSError as e:
-        raise N2NError(f"{path}: cannot read ({e.strerror})") from None
-    return parse_recipe(_decode(raw, path), source=path)
-
-
-def _decode(raw: bytes, path: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise N2NError(f"{path}: not UTF-8 text, so not a recipe YAML file") from None
+        return parse_recipe(decode_text(raw, path, "a recipe YAML file"), source=path)
+    return parse_recipe(read_text_file(path, "a recipe YAML file"), source=path)
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
@@ -228,13 +212,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     def fail(msg):
         raise N2NError(f"{source}: {msg}")
 
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        fail(f"malformed YAML{where}: {problem}")
+    doc = parse_yaml(text, source)  # strict: a key written twice is an error, not the last one
     if not isinstance(doc, dict):
         fail("a recipe must be a YAML mapping with steps (and optionally seed and verify)")
     for k in doc:
