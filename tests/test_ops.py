@@ -270,13 +270,6 @@ def test_add_mul_broadcasting(op, fn, shapes):
     assert_close(got, want, TOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (ops/merge.py): add/mul of inputs with different per-sample ranks broadcast against the batch "
-    "axis. The shape rule broadcasts one-sample shapes ([3] with [4, 5, 3] -> [4, 5, 3]) but forward adds the "
-    "batched tensors, so [N, 3] lines up with [N, 4, 5, 3] as [1, 1, N, 3]: wrong numbers when N == 5, a crash "
-    "for other N. Fix: unsqueeze lower-rank inputs after the batch axis, or refuse unequal ranks.",
-)
 @pytest.mark.parametrize("op, fn", [("add", torch.add), ("mul", torch.mul)])
 def test_add_mul_broadcast_lower_rank(op, fn):
     a, b = torch.randn(5, 3), torch.randn(5, 4, 5, 3)  # batch 5: the silent case
@@ -372,28 +365,10 @@ RANGE_CASES = [
     ("leaky_relu", {"negative_slope": 0.01}), ("leaky_relu", {"negative_slope": -0.5}),
     ("sigmoid", {}), ("tanh", {}), ("silu", {}), ("gelu", {"approximate": "none"}), ("gelu", {"approximate": "tanh"}),
 ]  # fmt: skip
-_UNSOUND = {
-    "sigmoid": "treats sigmoid as a clamp to [0, 1]: input [-5, -2] gives [0, 0], the outputs are [0.0067, 0.119]",
-    "tanh": "treats tanh as a clamp to [-1, 1]: input [0.5, 3] gives [0.5, 1], the outputs start at 0.462",
-    "silu": "assumes silu is monotone below 0: input [-5, -2] gives [-0.2785, -0.238], the outputs reach -0.033",
-    "gelu": "assumes gelu is monotone below 0 (input [-5, -2] gives hi -0.0455, outputs reach -1.4e-6); the "
-    "tanh variant is ranged with the exact gelu and its minimum -0.17004 is below the -0.1700 floor",
-}
 INTERVALS = [(-math.inf, math.inf), (0, math.inf), (-math.inf, -1), (-5, -2), (-3, -0.1), (-1, 2), (0.5, 3), (7, 9)]
 
 
-@pytest.mark.parametrize(
-    "op, attrs",
-    [
-        pytest.param(
-            op, attrs, marks=pytest.mark.xfail(strict=True, reason=f"BUG (ops/activations.py value_range): {_UNSOUND[op]}")
-        )
-        if op in _UNSOUND
-        else (op, attrs)
-        for op, attrs in RANGE_CASES
-    ],
-    ids=[f"{op}{attrs or ''}" for op, attrs in RANGE_CASES],
-)
+@pytest.mark.parametrize("op, attrs", RANGE_CASES, ids=[f"{op}{attrs or ''}" for op, attrs in RANGE_CASES])
 def test_value_range_contains_every_output(op, attrs):
     opdef = REGISTRY[op]
     for lo, hi in INTERVALS:

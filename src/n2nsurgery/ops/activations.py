@@ -11,11 +11,6 @@ import torch.nn.functional as F
 
 from .base import Attr, Interval, OpDef, choice_attr, float_attr, register, widen_passthrough
 
-# min over v of gelu(v) and silu(v): both dip slightly below zero.
-_GELU_MIN = -0.1700
-_SILU_MIN = -0.2785
-
-
 def _same_shape(in_shapes, p, a):
     return tuple(in_shapes[0])
 
@@ -36,16 +31,63 @@ def _leaky_range(ranges, a):
     return Interval(-math.inf, math.inf)
 
 
-def _monotone_range(fn, floor: float):
+def _f64(fn, v: float) -> float:
+    return float(fn(torch.tensor(v, dtype=torch.float64)))
+
+
+def _outward(v: float) -> float:
+    """A margin for the float32 rounding of the real computation (ranges are computed in float64)."""
+    return 1e-6 * max(1.0, abs(v))
+
+
+def _increasing_range(fn, floor: float, ceiling: float):
+    """Monotone increasing φ bounded by [floor, ceiling] (sigmoid, tanh): [φ(lo), φ(hi)], widened
+    by a rounding margin but never past φ's own bounds, so 'sigmoid is non-negative' stays provable."""
+
     def rng(ranges, a):
         r = ranges[0]
-        lo = floor if r.lo < 0 else float(fn(torch.tensor(r.lo, dtype=torch.float64)))
-        hi = math.inf if r.hi == math.inf else float(fn(torch.tensor(r.hi, dtype=torch.float64)))
-        if r.lo == -math.inf:
-            lo = floor
-        return Interval(lo, max(hi, lo))
+        lo = floor if r.lo == -math.inf else max(floor, _f64(fn, r.lo) - _outward(_f64(fn, r.lo)))
+        hi = ceiling if r.hi == math.inf else min(ceiling, _f64(fn, r.hi) + _outward(_f64(fn, r.hi)))
+        return Interval(lo, hi)
 
     return rng
+
+
+def _dip_range(fn):
+    """φ that falls to one minimum below zero and rises after it, with φ(-inf) = 0 (silu, gelu):
+    the minimum is φ's global one when the interval holds its argmin, else at an end; the
+    maximum is at an end."""
+    grid = torch.linspace(-6.0, 0.0, 600001, dtype=torch.float64)
+    values = fn(grid)
+    x_min = float(grid[int(values.argmin())])
+    f_min = float(values.min())
+    f_min -= _outward(f_min)
+
+    def at(v: float) -> float:
+        if v == -math.inf:
+            return 0.0
+        if v == math.inf:
+            return math.inf
+        return _f64(fn, v)
+
+    def rng(ranges, a):
+        r = ranges[0]
+        ends = (at(r.lo), at(r.hi))
+        lo = f_min if r.lo <= x_min <= r.hi else min(ends) - _outward(min(ends))
+        hi = max(ends)
+        return Interval(max(lo, f_min), hi + (_outward(hi) if hi != math.inf else 0.0))
+
+    return rng
+
+
+def _gelu_range(ranges, a):
+    return _GELU_RANGES[a["approximate"]](ranges, a)
+
+
+_GELU_RANGES = {
+    "none": _dip_range(lambda x: F.gelu(x)),
+    "tanh": _dip_range(lambda x: F.gelu(x, approximate="tanh")),
+}
 
 
 def _elementwise(name, forward, value_range, attrs=None, doc=""):
@@ -64,9 +106,9 @@ def _elementwise(name, forward, value_range, attrs=None, doc=""):
 
 RELU = _elementwise("relu", lambda xs, p, a: F.relu(xs[0]), _clamp_range(0.0, math.inf), doc="max(x, 0)")
 RELU6 = _elementwise("relu6", lambda xs, p, a: F.relu6(xs[0]), _clamp_range(0.0, 6.0), doc="min(max(x, 0), 6)")
-SIGMOID = _elementwise("sigmoid", lambda xs, p, a: torch.sigmoid(xs[0]), _clamp_range(0.0, 1.0))
-TANH = _elementwise("tanh", lambda xs, p, a: torch.tanh(xs[0]), _clamp_range(-1.0, 1.0))
-SILU = _elementwise("silu", lambda xs, p, a: F.silu(xs[0]), _monotone_range(F.silu, _SILU_MIN))
+SIGMOID = _elementwise("sigmoid", lambda xs, p, a: torch.sigmoid(xs[0]), _increasing_range(torch.sigmoid, 0.0, 1.0))
+TANH = _elementwise("tanh", lambda xs, p, a: torch.tanh(xs[0]), _increasing_range(torch.tanh, -1.0, 1.0))
+SILU = _elementwise("silu", lambda xs, p, a: F.silu(xs[0]), _dip_range(F.silu))
 IDENTITY = _elementwise("identity", lambda xs, p, a: xs[0], lambda r, a: r[0])
 LEAKY_RELU = _elementwise(
     "leaky_relu",
@@ -77,7 +119,7 @@ LEAKY_RELU = _elementwise(
 GELU = _elementwise(
     "gelu",
     lambda xs, p, a: F.gelu(xs[0], approximate=a["approximate"]),
-    _monotone_range(F.gelu, _GELU_MIN),
+    _gelu_range,
     attrs={"approximate": Attr(choice_attr("none", "tanh"), "none")},
 )
 DROPOUT = _elementwise(

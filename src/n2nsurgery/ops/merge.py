@@ -5,7 +5,16 @@ import torch
 from .base import Attr, OpDef, add_range, broadcast, dim_attr, expect, fmt_shape, hull_range, mul_range, register, sample_dim
 
 
+def _per_sample(xs):
+    """Batched inputs aligned for broadcasting by their ONE-SAMPLE shapes, as the shape rule and
+    the YAML mean it: a lower-rank input gains size-1 axes after the batch axis, never before it
+    (plain torch broadcasting would line its batch axis up with a feature axis)."""
+    rank = max(x.dim() for x in xs)
+    return [x.reshape(x.shape[:1] + (1,) * (rank - x.dim()) + x.shape[1:]) for x in xs]
+
+
 def _add(xs, p, a):
+    xs = _per_sample(xs)
     out = xs[0]
     for x in xs[1:]:
         out = out + x
@@ -13,6 +22,7 @@ def _add(xs, p, a):
 
 
 def _mul(xs, p, a):
+    xs = _per_sample(xs)
     out = xs[0]
     for x in xs[1:]:
         out = out * x
