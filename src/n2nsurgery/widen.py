@@ -282,6 +282,24 @@ def _apply(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key: str) 
     for dim in sorted(dims):
         umap, kind, _ = dims[dim]
         out = out.index_select(dim, umap.src)  # a gather is exact in any dtype
+    out = out.contiguous()
+    if noise == 0:
+        # Without noise, only the consumers' columns need arithmetic: scale them a block of rows
+        # at a time, so the float32 working copy of a half-precision tensor is one block, not
+        # the tensor (elementwise, so the bytes are those of a whole-tensor multiply).
+        cols = [(dim, umap) for dim, (umap, kind, _) in sorted(dims.items()) if kind == "cols"]
+        if cols and out.dim():
+            rows = max(1, (8 << 20) // max(1, out[0].numel() * work.itemsize))
+            for i in range(0, out.shape[0], rows):
+                block = out[i : i + rows]
+                w = block.to(work)  # the block itself when `out` is already in `work`
+                for dim, umap in cols:
+                    share = umap.share.to(work)[i : i + rows] if dim == 0 else umap.share.to(work)
+                    view = [1] * w.dim()
+                    view[dim] = share.numel()
+                    w.mul_(share.reshape(view))
+                block.copy_(w)
+        return out
     out = out.to(work)  # a copy, unless the gathers above already made one in this dtype
     for dim in sorted(dims):
         umap, kind, _ = dims[dim]
