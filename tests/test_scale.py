@@ -508,3 +508,26 @@ def test_cuda_verify_of_a_sharded_checkpoint(runner, hf_cnn):
     r = runner.invoke(app, ["verify", index, example_paths("cnn")[0], "--arch-b", example_paths("cnn")[1], "--device", "cuda"])
     assert r.exit_code == 0, r.stderr
     assert "cuda" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["deepen", "{ckpt}", "--arch", "{arch}", "--after", "relu1"],
+        ["apply", "{ckpt}", "{recipe}", "--arch", "{arch}"],
+    ],
+    ids=["deepen", "apply"],
+)
+def test_every_writing_command_takes_max_shard_size(runner, tmp_path, args):
+    ckpt, arch = example_paths("mlp")
+    recipe = str(tmp_path / "r.yaml")
+    with open(recipe, "w") as f:
+        f.write("steps:\n  - widen: {layer: fc1, width: 40}\n")
+    fill = {"ckpt": ckpt, "arch": arch, "recipe": recipe}
+    argv = [a.format(**fill) for a in args]
+    r = runner.invoke(app, [*argv, "--max-shard-size", "1KB", "-o", str(tmp_path / "sharded")])
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, [*argv, "-o", str(tmp_path / "single.safetensors")])
+    assert r.exit_code == 0, r.stderr
+    assert len(os.listdir(tmp_path / "sharded")) > 2
+    assert_same_tensors(load_model(str(tmp_path / "sharded")).tensors.to_dict(), load_file(str(tmp_path / "single.safetensors")))

@@ -15,8 +15,8 @@ from ..recipe import apply_recipe, load_recipe, result_dict
 from . import app
 from ..guards import check_finite, check_output, input_paths
 from .common import (
-    AllowNonfiniteOpt, ArchOpt, CheckpointArg, DeviceChoice, JsonOpt, OutputOpt, OverwriteInputOpt, check_json_target,
-    command, console, emit_json,
+    AllowNonfiniteOpt, ArchOpt, CheckpointArg, DeviceChoice, JsonOpt, MaxShardSizeOpt, OutputOpt, OverwriteInputOpt,
+    check_json_target, command, console, emit_json,
 )
 
 
@@ -31,6 +31,7 @@ def apply_cmd(
     device: Annotated[Optional[DeviceChoice], typer.Option("--device", help="Where to verify; overrides the recipe's verify.device (default auto: the GPU when present).", rich_help_panel="Verification", show_default=False)] = None,
     verify: Annotated[Optional[bool], typer.Option("--verify/--no-verify", help="Check every step (overrides the recipe's verify: true/false).", rich_help_panel="Verification", show_default=False)] = None,
     json_out: JsonOpt = False,
+    max_shard_size: MaxShardSizeOpt = None,
     overwrite_input: OverwriteInputOpt = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
 ):
@@ -42,7 +43,7 @@ def apply_cmd(
         raise N2NError("refusing to write a binary checkpoint to a terminal: redirect it (-o - > file, or | n2n ...) or give -o FILE")
     rec = load_recipe(recipe)  # validate the recipe before reading a possibly large checkpoint
     teacher = load_model(checkpoint, arch)
-    check_output(output, input_paths(teacher) + [recipe], overwrite_input)  # refused before the steps run
+    check_output(output, input_paths(teacher) + [recipe], overwrite_input, folder=max_shard_size is not None)  # refused before the steps run
     check_finite(teacher, allow_nonfinite)
 
     def progress(rep):
@@ -54,7 +55,7 @@ def apply_cmd(
     student, reports = apply_recipe(
         teacher, rec, seed=seed, verify=verify, device=device.value if device is not None else None, on_step=progress
     )
-    save_model(student, output)
+    save_model(student, output, max_shard_size=max_shard_size)
     end_to_end, judged = reports[-1].end_to_end, reports[-1].end_to_end_judged
     if json_out:
         emit_json({

@@ -20,6 +20,7 @@ from .common import (
     DeviceChoice,
     DeviceOpt,
     JsonOpt,
+    MaxShardSizeOpt,
     OutputOpt,
     OverwriteInputOpt,
     ProbesOpt,
@@ -63,6 +64,7 @@ def deepen_cmd(
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     json_out: JsonOpt = False,
+    max_shard_size: MaxShardSizeOpt = None,
     overwrite_input: OverwriteInputOpt = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
 ):
@@ -97,6 +99,7 @@ def deepen_cmd(
         json_out=json_out,
         what=f"deepening after {after!r}",
         print_report=_print_report,
+        max_shard_size=max_shard_size,
         overwrite_input=overwrite_input,
         allow_nonfinite=allow_nonfinite,
     )
