@@ -37,8 +37,6 @@ CNN_CKPT, CNN_ARCH = example_paths("cnn")
 
 from hypothesis_profiles import LONG  # noqa: E402  (registers and loads "ci" / "long")
 
-FUZZ: dict = {}  # per-test settings beyond the profile
-
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -192,7 +190,7 @@ def mutated_checkpoints(draw) -> bytes:
     return pack(header, data, length)
 
 
-@settings(max_examples=2000 if LONG else 150, **FUZZ)
+@settings(max_examples=2000 if LONG else 150)
 @given(raw=mutated_checkpoints())
 def test_mutated_headers_load_or_exit_2(raw, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hdr")
@@ -203,7 +201,7 @@ def test_mutated_headers_load_or_exit_2(raw, tmp_path_factory):
         assert str(path) in str(outcome) or MLP_ARCH in str(outcome), f"the message names no file: {outcome}"
 
 
-@settings(max_examples=300 if LONG else 25, **FUZZ)
+@settings(max_examples=300 if LONG else 25)
 @given(raw=mutated_checkpoints())
 def test_mutated_headers_through_the_cli(raw, tmp_path_factory):
     """inspect, then (when it loads) a widen: exit 0 or 2, and a refused widen writes nothing."""
@@ -226,7 +224,7 @@ def test_mutated_headers_through_the_cli(raw, tmp_path_factory):
             assert_nothing_written(folder, before)
 
 
-@settings(max_examples=1000 if LONG else 60, **FUZZ)
+@settings(max_examples=1000 if LONG else 60)
 @given(raw=st.one_of(st.binary(max_size=600), st.binary(min_size=1, max_size=64).map(lambda b: struct.pack("<Q", len(b)) + b)))
 def test_random_bytes_are_refused(raw, tmp_path_factory):
     path = tmp_path_factory.mktemp("rnd") / "r.safetensors"
@@ -300,7 +298,7 @@ def mutated_arch_docs(draw) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-@settings(max_examples=2000 if LONG else 200, **FUZZ)
+@settings(max_examples=2000 if LONG else 200)
 @given(text=mutated_arch_docs())
 def test_yaml_with_wrong_types_loads_or_exit_2(text, tmp_path_factory):
     path = tmp_path_factory.mktemp("yml") / "a.yaml"
@@ -312,7 +310,7 @@ def test_yaml_with_wrong_types_loads_or_exit_2(text, tmp_path_factory):
         n2n.verify(outcome, outcome, probes=2, device="cpu")
 
 
-@settings(max_examples=300 if LONG else 60, **FUZZ)
+@settings(max_examples=300 if LONG else 60)
 @given(text=st.one_of(st.text(max_size=200), st.from_regex(r"[\[\]{}:,\- a-z0-9\n]{0,80}", fullmatch=True)))
 def test_random_yaml_text_is_refused(text, tmp_path_factory):
     path = tmp_path_factory.mktemp("ytxt") / "a.yaml"

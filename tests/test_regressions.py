@@ -139,6 +139,49 @@ def test_widen_a_layer_whose_tensors_are_tied_to_another(layer):
     assert max_abs_diff(got, want) / float(want.abs().max()) <= 1e-5
 
 
+class TiedIntoConcat(nn.Module):
+    """fc(cat([tanh(a(x)), a(relu(x))])): one linear layer, tied, feeding both concat segments."""
+
+    def __init__(self, h: int = 5):
+        super().__init__()
+        self.a = nn.Linear(4, h)
+        self.fc = nn.Linear(2 * h, 3)
+
+    def forward(self, x):
+        return self.fc(torch.cat([torch.tanh(self.a(x)), self.a(torch.relu(x))], 1))
+
+
+TIED_CONCAT_YAML = """format: n2n-arch/1
+inputs:
+  x: {shape: [4], dtype: float32}
+nodes:
+  - {name: a, op: linear, in: x}
+  - {name: ta, op: tanh, in: a}
+  - {name: rx, op: relu, in: x}
+  - {name: b, op: linear, in: rx, params: {weight: a.weight, bias: a.bias}}
+  - {name: cat, op: concat, in: [ta, b]}
+  - {name: fc, op: linear, in: cat}
+outputs: [fc]
+"""
+
+
+def test_widen_a_tied_layer_that_feeds_a_concat_segment():
+    """The tied layer `b` joined the group only after the concat had laid out its segments
+    (`b`'s as untouched), so the concat then needed a second, different map: refused with "value
+    'cat' would need two different unit maps". Ties are now followed before a concat resolves.
+    Found by the long property run."""
+    torch.manual_seed(2)
+    teacher = TiedIntoConcat(5).eval()
+    model = n2n.model_from_state_dict(TIED_CONCAT_YAML, teacher.state_dict())
+    student_model, _ = widen(model, "a", 8, split="random", seed=4)
+    student = TiedIntoConcat(8).eval()
+    student.load_state_dict(student_model.tensors.to_dict())
+    x = torch.randn(32, 4)
+    with torch.no_grad():
+        want, got = teacher(x), student(x)
+    assert max_abs_diff(got, want) / float(want.abs().max()) <= 1e-5
+
+
 def test_a_tie_the_widening_cannot_follow_is_refused_clearly():
     """A batchnorm sharing its statistics with one outside the group cannot be remapped alike."""
     yaml_text = """format: n2n-arch/1

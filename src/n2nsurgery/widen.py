@@ -236,15 +236,14 @@ class WidenContext:
                 for reader, i in self._readers.get(value, []):
                     if reader.name != origin:
                         self._dispatch(reader, Event("input", i, ax, m))
-            if self._deferred:
+            self._pull_in_tied()  # before any concat resolves: a tied layer may feed one of its segments
+            if self._deferred and not self._queue:
                 name = next(iter(self._deferred))
                 self._current = name  # deferred work belongs to that node's rule
                 try:
                     self._deferred.pop(name)()
                 finally:
                     self._current = None
-            if not self._queue and not self._deferred:
-                self._pull_in_tied()
 
     def _pull_in_tied(self) -> None:
         """A tensor tied between nodes (two nodes naming one checkpoint key) is remapped for all
