@@ -130,7 +130,8 @@ def test_widen_a_layer_whose_tensors_are_tied_to_another(layer):
     torch.manual_seed(1)
     teacher = TiedBranches(5).eval()
     model = n2n.model_from_state_dict(TIED_YAML, teacher.state_dict())
-    student_model, _ = widen(model, layer, 7, split="random", seed=2)
+    student_model, report = widen(model, layer, 7, split="random", seed=2)
+    assert sorted(report.group) == ["a", "b"]  # the tied twin is named in the group
     student = TiedBranches(7).eval()
     student.load_state_dict(student_model.tensors.to_dict())
     x = torch.randn(32, 4)

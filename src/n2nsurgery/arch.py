@@ -14,7 +14,7 @@ from typing import Optional
 import yaml
 
 from .errors import N2NError, did_you_mean
-from .yamlio import load_yaml, parse_yaml, read_text_file  # noqa: F401  (load_yaml: public here too)
+from .yamlio import parse_yaml, read_text_file
 from .ops import get_op
 from .ops.base import REQUIRED, AttrError, REGISTRY
 

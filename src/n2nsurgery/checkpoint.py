@@ -29,7 +29,7 @@ import struct
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 

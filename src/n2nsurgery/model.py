@@ -15,10 +15,10 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from .arch import Architecture, load_architecture, parse_architecture
-from .checkpoint import STDIN, Checkpoint, LazyTensor, open_checkpoint, write_checkpoint
+from .checkpoint import Checkpoint, LazyTensor, open_checkpoint, write_checkpoint
 from .errors import N2NError
 from .ops import get_op
-from .ops.base import ShapeError, fmt_shape
+from .ops.base import ShapeError
 
 META_FORMAT = "format"
 META_ARCH = "n2n.arch"

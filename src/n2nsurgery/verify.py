@@ -8,7 +8,7 @@ numbers. They pass when, for every output, ``max|y_B - y_A| <= atol + rtol * max
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch

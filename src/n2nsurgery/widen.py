@@ -146,6 +146,7 @@ class WidenContext:
         self._current: Optional[str] = None  # the node whose rule is running
         self._origin: dict = {}  # value -> the node whose rule assigned it (not told again)
         self._remapped_by: dict = {}  # tensor key -> nodes whose rules remapped it (tied tensors)
+        self.producers: list = []  # layers whose output units the walk widened (rows remapped)
         self._by_name = {n.name: n for n in self.arch.nodes}
         self._readers: dict = {}
         for n in self.arch.nodes:
@@ -195,6 +196,8 @@ class WidenContext:
         if key not in self.model.tensors:
             return
         self._remapped_by.setdefault(key, set()).add(node.name)
+        if kind == "rows" and node.name not in self.producers:
+            self.producers.append(node.name)  # its units are the group's units (a tied twin too)
         dims = self.remaps.setdefault(key, {})
         if dim in dims:
             old_map, old_kind, _ = dims[dim]
@@ -474,9 +477,7 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
     if noise > 0:
         arch0, changes0, _ = build(0.0)
         noise_free = model.replace(arch=arch0, tensors=model.tensors.with_changes(changes0), step=history_step("widen", dict(args, noise=0.0), seed))
-    group = [layer] + sorted(
-        {node for dims in ctx.remaps.values() for umap, kind, node in dims.values() if kind == "rows"} - {layer}
-    )
+    group = [layer] + sorted(set(ctx.producers) - {layer})
     return student, WidenReport(
         layer=layer,
         old_width=old_width,
@@ -498,8 +499,7 @@ def widen_group(model, layer: str) -> tuple:
         ctx = plan_group(model, layer, _one_more(model, layer))
     except N2NError as e:
         return None, str(e)
-    rows = {node for dims in ctx.remaps.values() for _, kind, node in dims.values() if kind == "rows"}
-    return [layer] + sorted(rows - {layer}), None
+    return [layer] + sorted(set(ctx.producers) - {layer}), None
 
 
 def _one_more(model, layer: str) -> int:
