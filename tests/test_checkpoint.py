@@ -113,6 +113,18 @@ def test_save_model_keeps_dtypes(tmp_path, dtype):
     assert {k: again.tensors.dtype(k) for k in again.tensors.keys()} == {k: v.dtype for k, v in state.items()}
 
 
+def test_unsigned_buffers_ride_along_untouched(tmp_path):
+    """A uint16/32/64 tensor the graph does not use (e.g. a tokenizer table) is copied as is."""
+    if not hasattr(torch, "uint16"):
+        pytest.skip("this torch has no uint16")
+    state = dict(load_file(example_paths("mlp")[0]), table=torch.arange(6).to(torch.uint16), ids=torch.arange(3).to(torch.uint32))
+    src = str(tmp_path / "in.safetensors")
+    save_file(state, src, metadata={"format": "pt"})
+    out = str(tmp_path / "out.safetensors")
+    save_model(load_model(src, example_paths("mlp")[1]), out)
+    _assert_same_tensors(load_file(out), state)
+
+
 # ------------------------------------------------------------------------------------ metadata
 
 

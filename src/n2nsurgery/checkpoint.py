@@ -51,6 +51,8 @@ DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+# Unsigned 16/32/64-bit tensors exist in torch from 2.3; carried through unchanged where present.
+DTYPES.update({code: getattr(torch, name) for code, name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")) if hasattr(torch, name)})
 CODES = {v: k for k, v in DTYPES.items()}
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
