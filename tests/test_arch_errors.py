@@ -327,3 +327,13 @@ def test_header_data_offsets_overlap(runner, tmp_path):
     raw += b" " * (-len(raw) % 8)
     bad = _write(tmp_path, "bad.safetensors", struct.pack("<Q", len(raw)) + raw + data[8 + n :])
     assert_bad_input(runner.invoke(app, ["inspect", bad, "--arch", MLP_ARCH]), ["bad.safetensors", repr(key)])
+
+
+def test_missing_architecture_points_at_the_yaml_beside_the_checkpoint(runner, tmp_path):
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(open(MLP_CKPT, "rb").read())
+    assert_bad_input(runner.invoke(app, ["inspect", str(ckpt)]), ["carries no architecture", "pass --arch FILE"])
+    assert "beside" not in runner.invoke(app, ["inspect", str(ckpt)]).stderr  # nothing there yet
+    (tmp_path / "model.yaml").write_text(open(MLP_ARCH).read())
+    result = runner.invoke(app, ["inspect", str(ckpt)])
+    assert_bad_input(result, [f"({tmp_path / 'model.yaml'} lies beside it)"])

@@ -210,7 +210,7 @@ def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optio
     elif fallback_arch is not None:
         architecture = load_architecture(fallback_arch)
     else:
-        raise N2NError(f"{source}: the checkpoint carries no architecture (n2n.arch metadata); pass --arch FILE")
+        raise N2NError(f"{source}: the checkpoint carries no architecture (n2n.arch metadata); pass --arch FILE{_arch_beside(checkpoint)}")
     history = []
     if META_HISTORY in ckpt.metadata:
         try:
@@ -221,6 +221,19 @@ def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optio
             raise N2NError(f"{source}: metadata n2n.history must be a JSON list")
     extra = {k: v for k, v in ckpt.metadata.items() if k not in (META_ARCH, META_HISTORY, META_FORMAT)}
     return Model(architecture, TensorStore(ckpt), history, extra, source).check()
+
+
+def _arch_beside(checkpoint: str) -> str:
+    """' (NAME.yaml lies beside it)' when the usual architecture file sits next to the checkpoint."""
+    import os
+
+    stem, ext = os.path.splitext(checkpoint)
+    if checkpoint == "-" or ext != ".safetensors":
+        return ""
+    for candidate in (stem + ".yaml", stem + ".yml"):
+        if os.path.isfile(candidate):
+            return f" ({candidate} lies beside it)"
+    return ""
 
 
 def model_from_state_dict(arch: Architecture | str, state_dict: Mapping[str, torch.Tensor]) -> Model:
