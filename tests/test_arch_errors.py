@@ -241,13 +241,12 @@ def test_unreadable_file(runner, tmp_path, which):
         locked.chmod(0o600)
 
 
-@pytest.mark.parametrize("module", ["n2nsurgery.checkpoint", "n2nsurgery.yamlio"])
-def test_unreadable_file_even_as_root(runner, monkeypatch, module):
+@pytest.mark.parametrize("which", ["checkpoint", "architecture"])
+def test_unreadable_file_even_as_root(runner, monkeypatch, which):
     """The same path as chmod 000, for machines where the tests run as root."""
-    import importlib
+    import n2nsurgery.inputs as mod
 
-    mod = importlib.import_module(module)
-    target = MLP_CKPT if module.endswith("checkpoint") else MLP_ARCH
+    target = MLP_CKPT if which == "checkpoint" else MLP_ARCH
     real_open = open
 
     def guarded_open(path, *args, **kwargs):

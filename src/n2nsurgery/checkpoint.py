@@ -35,6 +35,7 @@ import torch
 
 from . import progress
 from .errors import N2NError
+from .inputs import open_input
 
 # safetensors dtype code <-> torch dtype
 DTYPES = {
@@ -166,14 +167,7 @@ def open_checkpoint(path: str) -> Checkpoint:
 
         return open_sharded(path)
 
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise N2NError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise N2NError(f"{path}: is a folder, not a safetensors file") from None
-    except OSError as e:
-        raise N2NError(f"{path}: cannot read ({e.strerror})") from None
+    f = open_input(path, "a safetensors file")
     st = os.fstat(f.fileno())
     if stat.S_ISREG(st.st_mode) and st.st_size > 0:
         # Copy-on-write: pages load on demand and nothing can reach the file on disk. The file

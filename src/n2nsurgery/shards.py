@@ -49,6 +49,7 @@ from .checkpoint import (
     stream_checkpoint,
 )
 from .errors import N2NError
+from .inputs import open_input
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"  # Hugging Face's name for an unsharded checkpoint in a folder
@@ -216,13 +217,10 @@ def _read_index(path: str) -> tuple:
     def bad(msg):
         raise N2NError(f"{path}: {msg}")
 
+    with open_input(path, "a sharded-checkpoint index") as f:
+        raw = f.read()
     try:
-        with open(path, "rb") as f:
-            index = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise N2NError(f"{path}: no such file") from None
-    except OSError as e:
-        raise N2NError(f"{path}: cannot read ({e.strerror})") from None
+        index = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         bad(f"not a sharded-checkpoint index (invalid JSON: {e})")
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import yaml
 
 from .errors import N2NError
+from .inputs import open_input
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -62,15 +63,8 @@ def load_yaml(text: str):
 
 def read_text_file(path: str, what: str) -> str:
     """The UTF-8 text of `path`; `what` ("an architecture file") names the kind in messages."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise N2NError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise N2NError(f"{path}: is a folder, not {what}") from None
-    except OSError as e:
-        raise N2NError(f"{path}: cannot read ({e.strerror})") from None
+    with open_input(path, what) as f:
+        raw = f.read()
     return decode_text(raw, path, what)
 
 
