@@ -87,6 +87,23 @@ MaxShardSizeOpt = Annotated[
 ]
 
 
+# Two checkpoints compared (verify, diff): each may carry its own architecture.
+ArchAOpt = Annotated[Optional[str], typer.Option("--arch-a", help="Architecture of A (optional if A carries one).", rich_help_panel="Model")]
+ArchBOpt = Annotated[Optional[str], typer.Option("--arch-b", help="Architecture of B (optional if B carries one; else A's is used).", rich_help_panel="Model")]
+ArchBothOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for both, where --arch-a/--arch-b are not given.", rich_help_panel="Model")]
+
+
+def load_pair(a: str, b: str, arch_a: Optional[str], arch_b: Optional[str], arch: Optional[str]) -> tuple:
+    """Models A and B for a comparison: --arch-a/--arch-b, else --arch, else what each checkpoint
+    carries; B without any falls back to A's architecture file."""
+    from ..model import load_model
+
+    if a == "-" and b == "-":
+        raise N2NError("only one of A and B can be '-' (standard input)")
+    arch_a = arch_a or arch
+    return load_model(a, arch_a), load_model(b, arch_b or arch, fallback_arch=arch_a)
+
+
 # ---------------------------------------------------------------------------- error handling
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from ..diff import diff_models, fmt_shape, growth
-from ..errors import N2NError
-from ..model import load_model
 from . import app
-from .common import JsonOpt, command, console, emit_json
+from .common import ArchAOpt, ArchBOpt, ArchBothOpt, JsonOpt, command, console, emit_json, load_pair
 
 
 @app.command("diff")
@@ -20,18 +18,14 @@ from .common import JsonOpt, command, console, emit_json
 def diff_cmd(
     a: Annotated[str, typer.Argument(help="The checkpoint before (e.g. the teacher); '-' reads standard input.", show_default=False)],
     b: Annotated[str, typer.Argument(help="The checkpoint after (e.g. the student); '-' reads standard input.", show_default=False)],
-    arch_a: Annotated[Optional[str], typer.Option("--arch-a", help="Architecture of A (optional if A carries one).", rich_help_panel="Model")] = None,
-    arch_b: Annotated[Optional[str], typer.Option("--arch-b", help="Architecture of B (optional if B carries one; else --arch-a is used).", rich_help_panel="Model")] = None,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture for both, where --arch-a/--arch-b are not given.", rich_help_panel="Model")] = None,
+    arch_a: ArchAOpt = None,
+    arch_b: ArchBOpt = None,
+    arch: ArchBothOpt = None,
     values: Annotated[bool, typer.Option("--values", help="Also list same-shaped tensors whose values differ (reads every tensor).", rich_help_panel="Output")] = False,
     json_out: JsonOpt = False,
 ):
     """Show nodes added, removed or changed, tensors added, removed or reshaped, and parameter counts. Exit 0: it reports, it does not judge."""
-    if a == "-" and b == "-":
-        raise N2NError("only one of A and B can be '-' (standard input)")
-    arch_a = arch_a or arch
-    model_a = load_model(a, arch_a)
-    model_b = load_model(b, arch_b or arch, fallback_arch=arch_a)
+    model_a, model_b = load_pair(a, b, arch_a, arch_b, arch)
     d = diff_models(model_a, model_b, values=values)
     if json_out:
         emit_json({"a": model_a.source, "b": model_b.source, **d.to_dict()})
