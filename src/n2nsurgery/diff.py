@@ -147,19 +147,21 @@ def summarize(d) -> str:
         more = f", +{len(items) - limit} more" if len(items) > limit else ""
         return ", ".join(shown) + more
 
+    def count(items, word):
+        return f"{len(items)} {word}{'s' if len(items) > 1 else ''}"
+
     if d["nodes_added"]:
-        parts.append(f"+{len(d['nodes_added'])} node{'s' if len(d['nodes_added']) > 1 else ''} ({names(d['nodes_added'])})")
+        parts.append(f"+{count(d['nodes_added'], 'node')} ({names(d['nodes_added'])})")
     if d["nodes_removed"]:
-        parts.append(f"-{len(d['nodes_removed'])} node{'s' if len(d['nodes_removed']) > 1 else ''} ({names(d['nodes_removed'])})")
+        parts.append(f"-{count(d['nodes_removed'], 'node')} ({names(d['nodes_removed'])})")
     if d["nodes_changed"]:
-        parts.append(f"{len(d['nodes_changed'])} node{'s' if len(d['nodes_changed']) > 1 else ''} changed ({names(d['nodes_changed'])})")
+        parts.append(f"{count(d['nodes_changed'], 'node')} changed ({names(d['nodes_changed'])})")
     if d["tensors_reshaped"]:
-        n = len(d["tensors_reshaped"])
-        parts.append(f"{n} tensor{'s' if n > 1 else ''} reshaped")
+        parts.append(f"{count(d['tensors_reshaped'], 'tensor')} reshaped")
     if d["tensors_added"]:
-        parts.append(f"+{len(d['tensors_added'])} tensor{'s' if len(d['tensors_added']) > 1 else ''}")
+        parts.append(f"+{count(d['tensors_added'], 'tensor')}")
     if d["tensors_removed"]:
-        parts.append(f"-{len(d['tensors_removed'])} tensor{'s' if len(d['tensors_removed']) > 1 else ''}")
+        parts.append(f"-{count(d['tensors_removed'], 'tensor')}")
     if d["tensors_values_changed"]:
         parts.append(f"{len(d['tensors_values_changed'])} tensors with new values")
     p = d["parameters"]
