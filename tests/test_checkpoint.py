@@ -91,6 +91,29 @@ def test_every_tensor_starts_aligned_to_its_element_size(tmp_path):
             assert (8 + hlen + entry["data_offsets"][0]) % size == 0, k
 
 
+def test_whole_page_tensors_start_on_page_boundaries(tmp_path):
+    # Why: the kernel copies untouched tensors into a page-aligned offset up to 2.5x faster.
+    tensors = {
+        "a.bias": torch.ones(1000),  # 4000 bytes: not a whole page, so it goes after the others
+        "b.weight": torch.ones(64, 64),  # 16 KiB
+        "c.half": torch.ones(4096, dtype=torch.float16),  # 8 KiB
+        "d.odd": torch.ones(3, dtype=torch.float16),
+        "e.big": torch.ones(1024, 1024, dtype=torch.bfloat16),  # 2 MiB
+    }
+    path = str(tmp_path / "pages.safetensors")
+    write_checkpoint(path, tensors, {"format": "pt"})
+    data = open(path, "rb").read()
+    hlen = int.from_bytes(data[:8], "little")
+    assert (8 + hlen) % 4096 == 0
+    header = json.loads(data[8 : 8 + hlen])
+    starts = {k: 8 + hlen + e["data_offsets"][0] for k, e in header.items() if k != "__metadata__"}
+    for k in ("b.weight", "c.half", "e.big"):
+        assert starts[k] % 4096 == 0, k
+    assert starts["a.bias"] % 4 == 0 and starts["d.odd"] % 2 == 0
+    assert max(starts[k] for k in ("b.weight", "c.half", "e.big")) < min(starts["a.bias"], starts["d.odd"])
+    _assert_same_tensors(load_file(path), tensors)
+
+
 def test_non_contiguous_and_shared_tensors_are_written_as_values(tmp_path):
     base = torch.arange(12.0).reshape(3, 4)
     tensors = {"t": base.t(), "row": base[1], "same": base}  # a view, a slice, and the storage itself

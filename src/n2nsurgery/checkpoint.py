@@ -57,6 +57,7 @@ DTYPES.update({code: getattr(torch, name) for code, name in (("U16", "uint16"), 
 CODES = {v: k for k, v in DTYPES.items()}
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+PAGE = 4096  # the output's data and its whole-page tensors start on page boundaries
 STDIN = "-"
 
 
@@ -351,14 +352,19 @@ def _bytes_of(src) -> Union[memoryview, bytes]:
 def build_header(tensors: Mapping[str, TensorSource], metadata: Mapping[str, str]) -> tuple:
     """The header bytes and the order tensors are written in.
 
-    Order: larger element sizes first, then by name (as the safetensors library does), so every
-    tensor starts at an offset aligned to its element size. JSON keys are sorted, so the same
-    tensors and metadata always give the same bytes.
+    Layout, chosen so that copying is fast: the header is padded with spaces (as the format
+    allows) so the data starts on a page boundary, and tensors whose size is a whole number of
+    pages come first, so each of them starts on a page boundary too. The kernel copies a tensor
+    into a page-aligned offset 1.5-2.5x faster than into a misaligned one (measured with
+    ``copy_file_range`` on ext4: see benchmarks/bench_scale.py), and big tensors are nearly
+    always whole pages. Within each of the two runs: larger element sizes first, then by name
+    (as the safetensors library does), so every tensor starts aligned to its element size.
+    JSON keys are sorted, so the same tensors and metadata always give the same bytes.
     """
 
     def sort_key(k):
-        dtype, _ = _meta(tensors[k])
-        return (-dtype.itemsize, k)
+        dtype, shape = _meta(tensors[k])
+        return (nbytes_of(dtype, shape) % PAGE != 0, -dtype.itemsize, k)
 
     order = sorted(tensors, key=sort_key)
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
@@ -369,7 +375,7 @@ def build_header(tensors: Mapping[str, TensorSource], metadata: Mapping[str, str
         header[k] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
+    raw += b" " * (-(8 + len(raw)) % PAGE)  # the data starts on a page boundary
     return struct.pack("<Q", len(raw)) + raw, order
 
 
