@@ -531,3 +531,16 @@ def test_every_writing_command_takes_max_shard_size(runner, tmp_path, args):
     assert r.exit_code == 0, r.stderr
     assert len(os.listdir(tmp_path / "sharded")) > 2
     assert_same_tensors(load_model(str(tmp_path / "sharded")).tensors.to_dict(), load_file(str(tmp_path / "single.safetensors")))
+
+
+def test_only_a_sharded_write_that_replaces_a_folder_is_synced(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    tensors = {"a": torch.ones(8), "b": torch.zeros(8)}
+    dest = tmp_path / "out"
+    write_sharded(str(dest), tensors, {"format": "pt"}, 32)
+    assert synced == []
+    write_sharded(str(dest), tensors, {"format": "pt"}, 32)
+    assert len(synced) == 4  # two shards, the index, the folder
+    assert sorted(os.listdir(dest)) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", INDEX_NAME]

@@ -140,7 +140,8 @@ def check_finite(model, allow: bool = False) -> None:
     if allow:
         return
     for key in graph_parameter_keys(model):
-        bad = count_nonfinite(model.tensors.get(key))
+        with model.tensors.mapped(key) as t:  # read in place: no copy of a tensor read once
+            bad = count_nonfinite(t)
         if bad:
             raise N2NError(
                 f"{model.source}: tensor {key!r} holds {bad} NaN or Inf value{'s' if bad > 1 else ''}, so no comparison "

@@ -8,6 +8,7 @@ the changed tensors over the untouched checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
@@ -60,6 +61,12 @@ class TensorStore:
         if self.base is not None and key in self.base and key not in self.dropped:
             return self.base.get(key)
         raise KeyError(key)
+
+    def mapped(self, key: str):
+        """Context manager: `key` for a pass that only reads it (see :meth:`Checkpoint.mapped`)."""
+        if key in self.changes or self.base is None or key in self.dropped:
+            return contextlib.nullcontext(self.get(key))
+        return self.base.mapped(key)
 
     def shape(self, key: str) -> tuple:
         if key in self.changes:

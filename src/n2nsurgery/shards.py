@@ -147,6 +147,9 @@ class ShardedCheckpoint:
     def get(self, key: str) -> torch.Tensor:
         return self._where[key].get(key)
 
+    def mapped(self, key: str):
+        return self._where[key].mapped(key)
+
     def raw(self, key: str) -> memoryview:
         return self._where[key].raw(key)
 
@@ -249,9 +252,10 @@ def write_sharded(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapp
                   max_shard_size: Union[int, str]) -> list:
     """Write a sharded checkpoint into folder `dest`, atomically, with deterministic bytes.
 
-    The shards and the index are written into a temporary folder beside `dest`, synced, and
-    renamed to `dest`. An existing `dest` is replaced only when it holds nothing but a sharded
-    checkpoint's files (never a folder with anything else in it).
+    The shards and the index are written into a temporary folder beside `dest` and renamed to
+    `dest`. An existing `dest` is replaced only when it holds nothing but a sharded
+    checkpoint's files (never a folder with anything else in it), and then only after the new
+    files are synced to disk (as :func:`~n2nsurgery.checkpoint.write_checkpoint` does).
 
     Args:
         dest: the output folder.
@@ -279,14 +283,16 @@ def write_sharded(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapp
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{base}.", suffix=".tmp")
     except OSError as e:
         raise N2NError(f"{dest}: cannot write in {parent} ({e.strerror})") from None
+    replacing = os.path.isdir(dest)  # sync before replacing an old checkpoint, only then
     try:
         with progress.task(f"writing {base}/", data_size(tensors)) as bar:
             for name, keys in zip(names, plan):
-                _write_file(os.path.join(tmp, name), lambda fd: stream_checkpoint(fd_sink(fd, bar), {k: tensors[k] for k in keys}, SHARD_METADATA))
+                _write_file(os.path.join(tmp, name), lambda fd: stream_checkpoint(fd_sink(fd, bar), {k: tensors[k] for k in keys}, SHARD_METADATA), replacing)
         index = index_json(tensors, metadata, plan, names)
-        _write_file(os.path.join(tmp, INDEX_NAME), lambda fd: _write_all(fd, index))
+        _write_file(os.path.join(tmp, INDEX_NAME), lambda fd: _write_all(fd, index), replacing)
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the folder the usual mode
-        _fsync_dir(tmp)
+        if replacing:
+            _fsync_dir(tmp)
         _move_into_place(tmp, dest)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -321,11 +327,12 @@ def _check_destination(dest: str) -> None:
                            "n2n replaces only a folder holding a sharded checkpoint; give a new folder name")
 
 
-def _write_file(path: str, write) -> None:
+def _write_file(path: str, write, sync: bool) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         write(fd)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

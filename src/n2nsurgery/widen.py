@@ -331,7 +331,11 @@ def _lazy_remap(model, key: str, dims: dict, noise: float, seed: int) -> LazyTen
     dtype, shape = model.tensors.dtype(key), list(model.tensors.shape(key))
     for dim, (umap, _, _) in dims.items():
         shape[dim] = umap.size
-    return LazyTensor(dtype, tuple(shape), lambda: _apply(model.tensors.get(key), dims, noise, seed, key))
+    def fetch():
+        with model.tensors.mapped(key) as original:  # _apply only reads it, into a new tensor
+            return _apply(original, dims, noise, seed, key)
+
+    return LazyTensor(dtype, tuple(shape), fetch)
 
 
 # ------------------------------------------------------------------------------- the API
