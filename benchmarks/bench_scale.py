@@ -5,18 +5,23 @@ Builds, in a temporary folder:
 
 * ``dense.safetensors``: 16 linear layers of 4096x4096 float32 with biases (1 GiB), ReLUs
   between them, and its architecture ``dense.yaml``;
+* ``dense4.safetensors``: the same with 64 layers (4 GiB);
 * ``dense-bf16/``: 128 such layers in bfloat16 (4 GiB), sharded Hugging Face style.
 
 and reports, in one run:
 
 * the median time of ``n2n widen --no-verify`` (one layer 4096 -> 8192 units) against the median
-  time of ``cp`` of the same file, and their ratio (target: <= 1.5);
+  time of ``cp`` of the same file, and their ratio (target: <= 1.5); the start-up time of
+  ``n2n`` (``n2n --version``: Python, torch, the CLI) and the ratio without it; the same widen
+  over an existing output (which n2n syncs to disk before replacing it) against ``cp`` + ``sync``;
+* what each further GiB costs: the slope of widen's time between the 1 GiB and 4 GiB float32
+  checkpoints, against the slope of ``cp``'s;
 * every run's peak RSS against the checkpoint size and the largest tensor
   (target: <= 2 x largest tensor + 300 MiB);
 * ``n2n verify`` throughput (checkpoint bytes of both models per second) and its peak RSS;
 * the widening of the 4 GiB sharded checkpoint, written sharded, against the same memory bound.
 
-Run it from the repository root (about 11 GiB of free disk in --tmp; several minutes)::
+Run it from the repository root (about 13 GiB of free disk in --tmp; several minutes)::
 
     .venv/bin/python benchmarks/bench_scale.py            # the full run
     .venv/bin/python benchmarks/bench_scale.py --quick    # small sizes: a smoke test
@@ -165,7 +170,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="timed runs of widen and of cp (median reported)")
     ap.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (default: the system's)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test of this script")
-    ap.add_argument("--skip-4g", action="store_true", help="skip the 4 GiB sharded checkpoint")
+    ap.add_argument("--skip-4g", action="store_true", help="skip the two 4 GiB checkpoints")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--make", nargs=4, metavar=("KIND", "DEST", "LAYERS", "WIDTH"), help=argparse.SUPPRESS)
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
@@ -203,17 +208,18 @@ def main() -> None:
         # Warm the page cache and the interpreter's bytecode cache; neither run is timed.
         measured(["cp", dense, copy]), remove(copy)
         measured(widen_cmd)
-        cp_runs, widen_runs, cp_sync_runs = [], [], []
+        cp_runs, widen_runs, cp_sync_runs, replace_runs = [], [], [], []
         for _ in range(runs):  # interleaved, so drift in machine load hits both alike
             remove(copy)
             cp_runs.append(measured(["cp", dense, copy]))
             remove(copy)
-            # like for like: n2n fsyncs its output before the atomic rename, cp does not
+            # like for like with a widen that replaces an existing output, which n2n syncs
             cp_sync_runs.append(measured(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", dense, copy]))
             remove(out)
-            widen_runs.append(measured(widen_cmd))
+            widen_runs.append(measured(widen_cmd))  # a new output, not synced (as cp)
+            replace_runs.append(measured(widen_cmd))  # over the previous one: synced first
         remove(copy)
-        startup = [measured([n2n, "--version"])["seconds"] for _ in range(3)]
+        startup = [measured([n2n, "--version"])["seconds"] for _ in range(runs)]
         stages = []
         for _ in range(3):  # where the time of one widen goes, measured inside the process
             remove(out)
@@ -235,6 +241,7 @@ def main() -> None:
             "cp_fsync_median": statistics.median(r["seconds"] for r in cp_sync_runs),
             "widen_median": widen_med,
             "ratio": widen_med / cp_med,
+            "widen_replacing_median": statistics.median(r["seconds"] for r in replace_runs),
             "startup_median": statistics.median(startup),
             "stages_median": stage_median,
             "rss_bound": bound(f32_largest_out),
@@ -252,6 +259,32 @@ def main() -> None:
         remove(dense)
 
         if not args.skip_4g:
+            # The same network, 4x as many layers: what each further GiB costs, once the fixed
+            # start-up cost is paid (the slope between the two sizes, for widen and for cp).
+            big32 = os.path.join(work, "dense4.safetensors")
+            print(f"building {big32} ({4 * layers} float32 layers) ...", flush=True)
+            subprocess.run([sys.executable, __file__, "--make", "f32", big32, str(4 * layers), str(width)], check=True)
+            big32_cmd = [n2n, "--quiet", "widen", big32, "--arch", os.path.join(work, "dense4.yaml"), "--layer",
+                         f"fc{layers // 2}", "--width", str(new_width), "--no-verify", "-o", out]
+            measured(["cp", big32, copy]), remove(copy)  # warm the page cache
+            c4, w4 = [], []
+            for _ in range(max(1, runs // 2 + 1)):
+                remove(copy)
+                c4.append(measured(["cp", big32, copy]))
+                remove(out)
+                w4.append(measured(big32_cmd))
+            c4_med = statistics.median(r["seconds"] for r in c4)
+            w4_med = statistics.median(r["seconds"] for r in w4)
+            figures["f32_4x"] = {
+                "checkpoint_bytes": size_of(big32),
+                "cp_median": c4_med,
+                "widen_median": w4_med,
+                "widen_peak_rss": [r["peak_rss"] for r in w4],
+                "rss_bound": bound(f32_largest_out),
+                "marginal_ratio": (w4_med - widen_med) / (c4_med - cp_med),
+            }
+            remove(copy), remove(out), remove(big32)
+
             big = os.path.join(work, "dense-bf16")
             print(f"building {big}/ ({big_layers} bfloat16 layers, sharded) ...", flush=True)
             subprocess.run([sys.executable, __file__, "--make", "bf16", big, str(big_layers), str(width), "--shard", "1GiB"], check=True)
@@ -289,10 +322,12 @@ def report(fig: dict) -> None:
     print(f"float32 checkpoint: {fmt_bytes(f['checkpoint_bytes'])}, {fig['layers']} layers {fig['width']}x{fig['width']}; "
           f"widen fc{fig['layers'] // 2} {fig['width']} -> {fig['new_width']} (output {fmt_bytes(f['output_bytes'])})")
     print(f"  cp      median {f['cp_median']:.2f} s   runs " + " ".join(f"{s:.2f}" for s in f["cp_seconds"]))
-    print(f"  cp+sync median {f['cp_fsync_median']:.2f} s   (cp, then fsync of the copy: what n2n's atomic write also does)")
     print(f"  widen   median {f['widen_median']:.2f} s   runs " + " ".join(f"{s:.2f}" for s in f["widen_seconds"])
-          + f"   (of which interpreter + torch start-up ~{f['startup_median']:.2f} s)")
-    print(f"  ratio widen / cp = {f['ratio']:.2f} ({ok(f['ratio'] <= 1.5)}: <= 1.5)")
+          + f"   (of which start-up, `n2n --version`: {f['startup_median']:.2f} s)")
+    print(f"  ratio widen / cp = {f['ratio']:.2f} ({ok(f['ratio'] <= 1.5)}: <= 1.5); "
+          f"without the start-up {(f['widen_median'] - f['startup_median']) / f['cp_median']:.2f}")
+    print(f"  replacing an existing output (synced first): widen {f['widen_replacing_median']:.2f} s "
+          f"against cp + sync {f['cp_fsync_median']:.2f} s (ratio {f['widen_replacing_median'] / f['cp_fsync_median']:.2f})")
     st = f["stages_median"]
     print("  inside one widen: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in st.items())
           + f"; the write alone is {st['write'] / f['cp_median']:.2f} x cp")
@@ -303,6 +338,11 @@ def report(fig: dict) -> None:
     v = fig["verify"]
     print(f"  verify  {statistics.median(v['seconds']):.2f} s median, {v['bytes_per_second'] / GiB:.2f} GiB/s of checkpoint "
           f"(both models), peak RSS " + ", ".join(fmt_bytes(r) for r in v["peak_rss"]))
+    if "f32_4x" in fig:
+        g = fig["f32_4x"]
+        print(f"float32 checkpoint 4x as deep: {fmt_bytes(g['checkpoint_bytes'])}; cp {g['cp_median']:.2f} s, widen "
+              f"{g['widen_median']:.2f} s, peak RSS {fmt_bytes(max(g['widen_peak_rss']))} ({ok(max(g['widen_peak_rss']) <= g['rss_bound'])})")
+        print(f"  each further GiB: widen costs {g['marginal_ratio']:.2f} x what cp costs (the slope between the two sizes)")
     if "bf16_sharded" in fig:
         b = fig["bf16_sharded"]
         print(f"bfloat16 sharded checkpoint: {fmt_bytes(b['checkpoint_bytes'])} in {b['shards']} shards; widen to a sharded output "
