@@ -89,14 +89,17 @@ def run(model, inputs: Mapping[str, torch.Tensor], device="cpu", dtype: torch.dt
         values = {name: prep(inputs[name]) for name in arch.inputs}
         for i, node in enumerate(arch.nodes):
             op = get_op(node.op)
-            params = {}
-            for role in op.params:
-                key = node.param_key(role)
-                params[role] = prep(model.tensors.get(key)) if key in model.tensors else None
-            try:
-                values[node.name] = op.forward([values[s] for s in node.inputs], params, node.resolved_attrs())
-            except RuntimeError as e:  # shapes were checked, so this is a device or memory problem
-                raise N2NError(f"node {node.name!r} ({node.op}) failed on {device}: {str(e).splitlines()[0]}") from None
+            with contextlib.ExitStack() as held:
+                params = {}
+                for role in op.params:
+                    key = node.param_key(role)
+                    # Read in place (no copy) for the length of this node: forward only reads them.
+                    params[role] = prep(held.enter_context(model.tensors.mapped(key))) if key in model.tensors else None
+                try:
+                    values[node.name] = op.forward([values[s] for s in node.inputs], params, node.resolved_attrs())
+                except RuntimeError as e:  # shapes were checked, so this is a device or memory problem
+                    raise N2NError(f"node {node.name!r} ({node.op}) failed on {device}: {str(e).splitlines()[0]}") from None
+                del params
             if on_node is not None:
                 on_node()
             for src in set(node.inputs):
