@@ -385,6 +385,36 @@ def test_writing_into_a_loaded_tensor_never_reaches_the_file(tmp_path):
     assert _sha(path) == before
 
 
+def test_mapped_reads_equal_fresh_reads_and_never_reach_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(open(example_paths("resnet")[0], "rb").read())
+    before = _sha(path)
+    ckpt = open_checkpoint(str(path))
+    for key in ckpt.keys():
+        with ckpt.mapped(key) as t:
+            assert t.dtype == ckpt.dtype(key) and tuple(t.shape) == ckpt.shape(key)
+            assert torch.equal(t, ckpt.get(key)), key
+            if t.is_floating_point() and t.numel():
+                t.add_(1.0)  # copy-on-write: costs memory, never reaches the file
+        with ckpt.mapped(key) as again:  # and the pages dropped on leaving read back from the file
+            assert torch.equal(again, ckpt.get(key)), key
+    del ckpt
+    assert _sha(path) == before
+
+
+def test_a_file_truncated_while_open_is_an_error_not_a_crash(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(open(example_paths("mlp")[0], "rb").read())
+    ckpt = open_checkpoint(str(path))
+    last = max(ckpt.keys(), key=lambda k: ckpt.infos[k].end)
+    os.truncate(path, ckpt.infos[last].start)  # another program rewrites the file meanwhile
+    with pytest.raises(N2NError, match="became shorter"):
+        with ckpt.mapped(last):
+            pass
+    with pytest.raises(N2NError, match="became shorter"):
+        ckpt.get(last)
+
+
 def test_commands_never_modify_their_input(runner, tmp_path):
     from n2nsurgery.cli import app
 

@@ -6,8 +6,10 @@ Why our own header handling rather than ``safetensors.torch.load_file``/``save_f
   naming the file and what is wrong, before any tensor is touched;
 * nothing is read until it is used: :meth:`Checkpoint.get` reads one tensor into fresh memory
   (``pread``), which is freed when the tensor is dropped, so memory holds the tensors in use and
-  not every tensor ever read (as pages of a memory map would); nothing we do with a tensor can
-  reach the input file;
+  not every tensor ever read (as pages of a memory map would); passes that only read a tensor
+  (the finiteness check, remap sources, verification) use :meth:`Checkpoint.mapped` instead,
+  a view of the memory map that is unmapped right after, which saves the copy; nothing we do
+  with a tensor can reach the input file;
 * ``save_file`` writes the metadata map in a different key order in each process (GUIDE 5), so
   "same seed, same bytes" needs a header we write ourselves, with sorted keys; writing it
   ourselves also lets us stream tensor bytes one at a time instead of building the whole file in
@@ -151,6 +153,10 @@ class Checkpoint:
         if self._file is None or math.prod(info.shape) == 0 or info.start % info.dtype.itemsize:
             yield self.get(key)  # standard input (already in memory), empty, or misaligned
             return
+        # Touching a mapped page past the end of a file that another program truncated kills the
+        # process (SIGBUS) instead of raising; checking first leaves only the moments of the read.
+        if os.fstat(self._file.fileno()).st_size < info.end:
+            raise N2NError(f"{self.source}: the file became shorter while it was being read (was it overwritten?)")
         view = torch.frombuffer(self._buffer, dtype=info.dtype, count=math.prod(info.shape), offset=info.start)
         try:
             yield view.reshape(info.shape)
