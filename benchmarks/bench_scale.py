@@ -16,6 +16,8 @@ and reports, in one run:
   over an existing output (which n2n syncs to disk before replacing it) against ``cp`` + ``sync``;
 * what each further GiB costs: the slope of widen's time between the 1 GiB and 4 GiB float32
   checkpoints, against the slope of ``cp``'s;
+* at both sizes, ``floor_widen.py``: the least work a Python widening can do (numpy only, no
+  torch, no checks beyond NaN/Inf), as a second baseline;
 * every run's peak RSS against the checkpoint size and the largest tensor
   (target: <= 2 x largest tensor + 300 MiB);
 * ``n2n verify`` throughput (checkpoint bytes of both models per second) and its peak RSS;
@@ -208,10 +210,13 @@ def main() -> None:
         # Warm the page cache and the interpreter's bytecode cache; neither run is timed.
         measured(["cp", dense, copy]), remove(copy)
         measured(widen_cmd)
-        cp_runs, widen_runs, cp_sync_runs, replace_runs = [], [], [], []
-        for _ in range(runs):  # interleaved, so drift in machine load hits both alike
+        floor_cmd = [sys.executable, os.path.join(HERE, "floor_widen.py"), dense, str(layers // 2), str(new_width), out]
+        cp_runs, widen_runs, cp_sync_runs, replace_runs, floor_runs = [], [], [], [], []
+        for _ in range(runs):  # interleaved, so drift in machine load hits all alike
             remove(copy)
             cp_runs.append(measured(["cp", dense, copy]))
+            remove(out)
+            floor_runs.append(measured(floor_cmd))
             remove(copy)
             # like for like with a widen that replaces an existing output, which n2n syncs
             cp_sync_runs.append(measured(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", dense, copy]))
@@ -242,6 +247,7 @@ def main() -> None:
             "widen_median": widen_med,
             "ratio": widen_med / cp_med,
             "widen_replacing_median": statistics.median(r["seconds"] for r in replace_runs),
+            "floor_median": statistics.median(r["seconds"] for r in floor_runs),
             "startup_median": statistics.median(startup),
             "stages_median": stage_median,
             "rss_bound": bound(f32_largest_out),
@@ -267,10 +273,12 @@ def main() -> None:
             big32_cmd = [n2n, "--quiet", "widen", big32, "--arch", os.path.join(work, "dense4.yaml"), "--layer",
                          f"fc{layers // 2}", "--width", str(new_width), "--no-verify", "-o", out]
             measured(["cp", big32, copy]), remove(copy)  # warm the page cache
-            c4, w4 = [], []
+            c4, w4, f4 = [], [], []
             for _ in range(max(1, runs // 2 + 1)):
                 remove(copy)
                 c4.append(measured(["cp", big32, copy]))
+                remove(out)
+                f4.append(measured([sys.executable, os.path.join(HERE, "floor_widen.py"), big32, str(layers // 2), str(new_width), out]))
                 remove(out)
                 w4.append(measured(big32_cmd))
             c4_med = statistics.median(r["seconds"] for r in c4)
@@ -281,6 +289,7 @@ def main() -> None:
                 "widen_median": w4_med,
                 "widen_peak_rss": [r["peak_rss"] for r in w4],
                 "rss_bound": bound(f32_largest_out),
+                "floor_median": statistics.median(r["seconds"] for r in f4),
                 "marginal_ratio": (w4_med - widen_med) / (c4_med - cp_med),
             }
             remove(copy), remove(out), remove(big32)
@@ -326,6 +335,8 @@ def report(fig: dict) -> None:
           + f"   (of which start-up, `n2n --version`: {f['startup_median']:.2f} s)")
     print(f"  ratio widen / cp = {f['ratio']:.2f} ({ok(f['ratio'] <= 1.5)}: <= 1.5); "
           f"without the start-up {(f['widen_median'] - f['startup_median']) / f['cp_median']:.2f}")
+    print(f"  floor   median {f['floor_median']:.2f} s   = {f['floor_median'] / f['cp_median']:.2f} x cp: benchmarks/floor_widen.py, "
+          "the least a Python widening can do (numpy only, no checks beyond NaN/Inf, same I/O tricks)")
     print(f"  replacing an existing output (synced first): widen {f['widen_replacing_median']:.2f} s "
           f"against cp + sync {f['cp_fsync_median']:.2f} s (ratio {f['widen_replacing_median'] / f['cp_fsync_median']:.2f})")
     st = f["stages_median"]
@@ -340,8 +351,8 @@ def report(fig: dict) -> None:
           f"(both models), peak RSS " + ", ".join(fmt_bytes(r) for r in v["peak_rss"]))
     if "f32_4x" in fig:
         g = fig["f32_4x"]
-        print(f"float32 checkpoint 4x as deep: {fmt_bytes(g['checkpoint_bytes'])}; cp {g['cp_median']:.2f} s, widen "
-              f"{g['widen_median']:.2f} s, peak RSS {fmt_bytes(max(g['widen_peak_rss']))} ({ok(max(g['widen_peak_rss']) <= g['rss_bound'])})")
+        print(f"float32 checkpoint 4x as deep: {fmt_bytes(g['checkpoint_bytes'])}; cp {g['cp_median']:.2f} s, floor "
+              f"{g['floor_median']:.2f} s, widen {g['widen_median']:.2f} s (ratio {g['widen_median'] / g['cp_median']:.2f}), peak RSS {fmt_bytes(max(g['widen_peak_rss']))} ({ok(max(g['widen_peak_rss']) <= g['rss_bound'])})")
         print(f"  each further GiB: widen costs {g['marginal_ratio']:.2f} x what cp costs (the slope between the two sizes)")
     if "bf16_sharded" in fig:
         b = fig["bf16_sharded"]
