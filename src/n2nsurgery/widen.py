@@ -331,6 +331,7 @@ def _lazy_remap(model, key: str, dims: dict, noise: float, seed: int) -> LazyTen
     dtype, shape = model.tensors.dtype(key), list(model.tensors.shape(key))
     for dim, (umap, _, _) in dims.items():
         shape[dim] = umap.size
+
     def fetch():
         with model.tensors.mapped(key) as original:  # _apply only reads it, into a new tensor
             return _apply(original, dims, noise, seed, key)

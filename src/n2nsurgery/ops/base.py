@@ -201,7 +201,10 @@ class OpDef:
     """One op type. See the module docstring for what each field means."""
 
     name: str
-    forward: Callable  # (inputs: list[Tensor], params: dict[role, Tensor|None], attrs) -> Tensor
+    # (inputs: list[Tensor], params: dict[role, Tensor|None], attrs) -> Tensor. Params may be views
+    # of the input file's memory map that are unmapped after the node: read them, never return
+    # them (or a view of them) or write into them.
+    forward: Callable
     infer_shape: Callable  # (in_shapes: list[Shape], param_shapes: dict[role, Shape|None], attrs) -> Shape
     arity: int = 1  # number of inputs; -1 means two or more
     attrs: Mapping[str, Attr] = field(default_factory=dict)
