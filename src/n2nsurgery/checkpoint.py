@@ -118,9 +118,9 @@ class Checkpoint:
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under `key`, read from the file now (a fresh tensor, never a view).
 
-        Reading into fresh memory rather than viewing the memory map is what keeps a pass over
-        every tensor (verification, finiteness checks) at the memory of one tensor: pages of a
-        map that were read stay counted against this process until it ends.
+        The tensor is the caller's to keep or modify, and its memory is freed when it is
+        dropped (pages of a map that were read would stay counted against this process until
+        it ends). A pass that only reads tensors should use :meth:`mapped`, which saves the copy.
         """
         info = self.infos[key]
         if math.prod(info.shape) == 0:
