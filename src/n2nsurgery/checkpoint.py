@@ -143,8 +143,8 @@ class Checkpoint:
     def mapped(self, key: str) -> Iterator[torch.Tensor]:
         """`key` as a tensor over the memory map, for a pass that only reads it: no copy.
 
-        Faster than :meth:`get` for a read-once pass (the finiteness check, the source of a
-        remap): no fresh memory to fault in, no copy. On leaving the block the pages are
+        Faster than :meth:`get` for a pass that only reads (the finiteness check, the source
+        of a remap, a node's parameters during verification): no fresh memory, no copy. On leaving the block the pages are
         unmapped from this process (they stay in the page cache), so a pass over every tensor
         still holds one tensor at a time. The view must not be kept beyond the block, nor
         written (the map is copy-on-write: a write would cost memory, never reach the file).
