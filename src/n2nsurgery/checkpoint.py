@@ -162,9 +162,20 @@ class Checkpoint:
             yield view.reshape(info.shape)
         finally:
             del view
-            if hasattr(self._buffer, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            # closed: the shard was closed meanwhile (shards.py keeps few open); nothing to give back
+            if hasattr(self._buffer, "madvise") and hasattr(mmap, "MADV_DONTNEED") and not self._buffer.closed:
                 start = info.start - info.start % mmap.PAGESIZE
                 self._buffer.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
+    def close(self) -> None:
+        """Close the input file and its map (a map still viewed by a tensor is freed with it)."""
+        if self._file is not None:
+            self._file.close()
+        if isinstance(self._buffer, mmap.mmap):
+            try:
+                self._buffer.close()
+            except BufferError:  # a tensor still views it: it is unmapped when the last view goes
+                pass
 
     def raw(self, key: str) -> memoryview:
         """The stored bytes of `key`, without going through a tensor."""
@@ -182,6 +193,8 @@ class Checkpoint:
 def open_checkpoint(path: str) -> Checkpoint:
     """Open a safetensors checkpoint for lazy reading; ``-`` reads standard input.
 
+    One file only: :func:`n2nsurgery.storage.open_any` also opens sharded checkpoints.
+
     Raises:
         N2NError: the file is missing, unreadable, truncated or not a safetensors file.
     """
@@ -193,25 +206,29 @@ def open_checkpoint(path: str) -> Checkpoint:
             raise N2NError("standard input is empty: the command before '|' wrote no checkpoint (did it fail?)")
         return _parse(data, "<stdin>", len(data))
 
-    if os.path.isdir(path) or path.endswith(".json"):
-        from .shards import open_sharded  # a Hugging Face style index and its shards
-
-        return open_sharded(path)
-
     f = open_input(path, "a safetensors file")
     st = os.fstat(f.fileno())
-    if stat.S_ISREG(st.st_mode) and st.st_size > 0:
-        # Copy-on-write: pages load on demand and nothing can reach the file on disk. The file
-        # stays open (read-only) for kernel-side copies of untouched tensors (see FileSpan).
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    buffer = _map(f) if stat.S_ISREG(st.st_mode) and st.st_size > 0 else None
+    if buffer is not None:
         try:
             return _parse(buffer, path, st.st_size, f)
         except BaseException:
             f.close()
             raise
-    with f:  # a pipe or process substitution: read it all
+    with f:  # a pipe, process substitution, or a file that cannot be mapped: read it all
         buffer = _read_all(f, path)
     return _parse(buffer, path, len(buffer))
+
+
+def _map(f) -> Optional[mmap.mmap]:
+    """A copy-on-write map of file `f`: pages load on demand and nothing can reach the file on
+    disk. The file stays open (read-only) for kernel-side copies of untouched tensors (see
+    FileSpan). None where the file system cannot map files (some FUSE and /proc-like files
+    raise ENODEV): the caller then reads the file into memory instead."""
+    try:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError:
+        return None
 
 
 def _read_all(f, source: str) -> bytearray:
@@ -531,27 +548,93 @@ def fd_sink(fd: int, bar) -> _Sink:
     return _FdSink(fd, bar)
 
 
+def stdout_fd() -> Optional[int]:
+    """The descriptor a checkpoint written to ``-`` goes to; None when standard output is a
+    Python stream without one (a test runner's capture).
+
+    Raises:
+        N2NError: standard output is closed (``>&-``): nothing could receive the checkpoint.
+    """
+    if sys.stdout is None:  # Python sets it to None when descriptor 1 was closed at start-up
+        raise N2NError("cannot write to standard output: it is closed; redirect it (-o - > file) or give -o FILE")
+    try:
+        return sys.stdout.buffer.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
 def _stdout_sink(bar) -> _Sink:
+    fd = stdout_fd()
     out = sys.stdout.buffer
     out.flush()  # anything already buffered goes first; then we write to the descriptor directly
-    try:
-        fd = out.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
-        return _StreamSink(out, bar)
-    return _FdSink(fd, bar)
+    return _StreamSink(out, bar) if fd is None else _FdSink(fd, bar)
 
 
 def _label(path: str) -> str:
     return "<stdout>" if path == STDIN else os.path.basename(path)
 
 
-def write_checkpoint(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str]) -> None:
+# How an existing output path is written (see output_target).
+NEW, REPLACE, STREAM = "new", "replace", "stream"
+
+
+def output_target(dest: str) -> tuple:
+    """Where a checkpoint for `dest` goes, and how: ``(kind, path)``.
+
+    * ``NEW`` or ``REPLACE``: a regular file (or nothing yet) at `path`, written atomically (a
+      temporary file beside it, renamed over it). A symbolic link is followed: `path` is its
+      final target, so the link stays a link and its target gets the new content.
+    * ``STREAM``: a character device (``/dev/null``) or a FIFO, written through like ``-o -``:
+      renaming a file over it would replace the device or pipe and nobody would get the data.
+
+    Raises:
+        N2NError: `dest` is a folder, a block device, a socket, a dangling link, or its
+            folder does not exist.
+    """
+    try:
+        st = os.stat(dest)  # follows links, as writing through `> dest` in a shell does
+    except FileNotFoundError:
+        if os.path.islink(dest):
+            raise N2NError(f"{dest}: is a symbolic link to {os.readlink(dest)}, which does not exist; "
+                           "give the target's path, or remove the link") from None
+        st = None
+    except OSError as e:
+        raise N2NError(f"{dest}: cannot write there ({e.strerror})") from None
+    if st is None or stat.S_ISREG(st.st_mode):
+        path = os.path.realpath(dest) if os.path.islink(dest) else dest
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise N2NError(f"{dest}: the output folder {folder} does not exist")
+        return (NEW if st is None else REPLACE), path
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return STREAM, dest
+    if stat.S_ISDIR(st.st_mode):
+        raise N2NError(f"{dest}: is a folder; give a file name for the output checkpoint")
+    raise N2NError(f"{dest}: is a {_file_kind(st.st_mode)}, which n2n does not write to; "
+                   "give a regular file, a FIFO, a character device such as /dev/null, or -o -")
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"
+
+
+def write_checkpoint(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str],
+                     mode: Optional[int] = None) -> None:
     """Write a safetensors file atomically; ``-`` writes to standard output.
 
     Streams (see the notes above :class:`FileSpan`): memory holds at most one computed tensor,
     whatever the checkpoint's size. A file is first written to a temporary file in the
     destination folder and renamed over `dest` only once complete, so a failure at any point
-    leaves no partial output behind.
+    leaves no partial output behind. A symbolic link is followed (its target is replaced); a
+    FIFO or a character device is written through, like standard output (see
+    :func:`output_target`).
+
+    Permissions: a file replaced keeps its mode; a new one gets `mode` minus the umask, as
+    ``cp`` gives a copy its source's mode (so a private input gives a private output).
 
     Durability: when `dest` already exists (a rerun, ``--overwrite-input``), the new file is
     synced to disk before the rename, so not even a power cut can lose the previous file. A new
@@ -563,42 +646,74 @@ def write_checkpoint(dest: str, tensors: Mapping[str, TensorSource], metadata: M
         dest: output file, or ``-`` for standard output (refused when it is a terminal).
         tensors: name -> tensor or :class:`LazyTensor`.
         metadata: string -> string; written with sorted keys, so the bytes are deterministic.
+        mode: permission bits of the input (see :func:`new_file_mode`); None: 0o666.
 
     Raises:
-        N2NError: standard output is a terminal, or the destination cannot be written.
+        N2NError: standard output is a terminal or closed, or the destination cannot be written.
 
     Example:
         >>> write_checkpoint("out.safetensors", {"w": torch.ones(2)}, {"format": "pt"})
     """
-    total = data_size(tensors)
     if dest == STDIN:
-        if sys.stdout.isatty():
-            raise N2NError("refusing to write a binary checkpoint to a terminal: redirect it (-o - > file, or | n2n ...) or give -o FILE")
-        with progress.task(f"writing {_label(dest)}", total) as bar:
+        _write_stdout(tensors, metadata)
+        return
+    kind, path = output_target(dest)
+    if kind == STREAM:
+        _write_through(dest, tensors, metadata)
+        return
+    _write_atomically(dest, path, tensors, metadata, mode)
+
+
+def _write_stdout(tensors, metadata) -> None:
+    if stdout_fd() is not None and sys.stdout.isatty():
+        raise N2NError("refusing to write a binary checkpoint to a terminal: redirect it (-o - > file, or | n2n ...) or give -o FILE")
+    try:
+        with progress.task(f"writing {_label(STDIN)}", data_size(tensors)) as bar:
             stream_checkpoint(_stdout_sink(bar), tensors, metadata)
         sys.stdout.buffer.flush()
-        return
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): the command layer exits quietly
+    except OSError as e:  # a full disk behind `> file`, /dev/full, a closed descriptor
+        raise N2NError(f"cannot write to standard output: {e.strerror or e}") from None
 
-    folder = os.path.dirname(os.path.abspath(dest))
-    if os.path.isdir(dest):
-        raise N2NError(f"{dest}: is a folder; give a file name for the output checkpoint")
-    if not os.path.isdir(folder):
-        raise N2NError(f"{dest}: the output folder {folder} does not exist")
+
+def _write_through(dest: str, tensors, metadata) -> None:
+    """Stream into a FIFO or character device: opened for writing, never created or renamed over."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(dest) + ".", suffix=".tmp")
+        fd = os.open(dest, os.O_WRONLY | os.O_NOCTTY)  # a FIFO blocks here until a reader opens it
+    except OSError as e:
+        raise N2NError(f"{dest}: cannot write there ({e.strerror})") from None
+    try:
+        if os.isatty(fd):
+            raise N2NError(f"{dest}: is a terminal; refusing to write a binary checkpoint to it")
+        with progress.task(f"writing {_label(dest)}", data_size(tensors)) as bar:
+            stream_checkpoint(_FdSink(fd, bar), tensors, metadata)
+    except OSError as e:
+        raise N2NError(f"{dest}: write failed ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(dest: str, path: str, tensors, metadata, mode: Optional[int]) -> None:
+    """Write `path` (the regular file `dest` names) via a temporary file renamed over it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=temp_prefix(folder, os.path.basename(path), ".tmp"), suffix=".tmp")
     except OSError as e:
         raise N2NError(f"{dest}: cannot write in {folder} ({e.strerror})") from None
-    replacing = os.path.lexists(dest)
+    old = _regular_file_mode(path)  # None: nothing there yet
     try:
         try:
-            with progress.task(f"writing {_label(dest)}", total) as bar:
+            with progress.task(f"writing {_label(dest)}", data_size(tensors)) as bar:
                 stream_checkpoint(_FdSink(fd, bar), tensors, metadata)
-            if replacing:
+            # mkstemp makes 0600: a replaced file keeps its mode, a new one gets the input's.
+            os.fchmod(fd, old if old is not None else new_file_mode(mode))
+            if old is not None:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, dest)
+        _check_rename_target(dest, path)
+        os.replace(tmp, path)
     except BaseException as e:
         try:
             os.unlink(tmp)
@@ -607,6 +722,48 @@ def write_checkpoint(dest: str, tensors: Mapping[str, TensorSource], metadata: M
         if isinstance(e, OSError):
             raise N2NError(f"{dest}: write failed ({e.strerror})") from None
         raise
+
+
+def _regular_file_mode(path: str) -> Optional[int]:
+    """The permission bits of the regular file at `path`; None when there is none."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return stat.S_IMODE(st.st_mode) & 0o777 if stat.S_ISREG(st.st_mode) else None
+
+
+def _check_rename_target(dest: str, path: str) -> None:
+    """Refuse to rename over anything but a regular file, should one have appeared meanwhile."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise N2NError(f"{dest}: changed while the checkpoint was being written (it is no longer a regular file); nothing was written")
+
+
+def new_file_mode(mode: Optional[int]) -> int:
+    """Mode of a new output file: the input's permission bits (`mode`; None: 0o666) minus the
+    umask, as ``cp`` does, so a private checkpoint (0600) never gives a world-readable one."""
+    return (0o666 if mode is None else mode & 0o777) & ~current_umask()
+
+
+def temp_prefix(folder: str, name: str, suffix: str) -> str:
+    """Prefix of a temporary name beside `name` in `folder`: ``.NAME.`` when that still fits the
+    file system's name limit (so a stray one says whose it was), else the short ``.n2n-``.
+
+    A legal 250-byte output name must not be refused because its temporary name is longer.
+    """
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    prefix = f".{name}."
+    # mkstemp/mkdtemp add 8 random characters between prefix and suffix.
+    if len(os.fsencode(prefix)) + 8 + len(os.fsencode(suffix)) <= name_max:
+        return prefix
+    return ".n2n-"
 
 
 def current_umask() -> int:

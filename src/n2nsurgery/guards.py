@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from typing import Iterable, Optional
 
 import torch
 
+from .checkpoint import output_target, stdout_fd
 from .errors import N2NError
+from .shards import check_destination
 
 # Elements checked at once by check_finite: bounds the temporary boolean mask (16 MiB).
 _FINITE_CHUNK = 1 << 24
@@ -169,24 +172,30 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def check_output(output: str, inputs: Iterable[str], overwrite_input: bool = False, folder: bool = False) -> None:
-    """Refuse an output path that names an input (unless `overwrite_input`) or whose folder is missing.
+    """Refuse, before any work, an output that names an input (unless `overwrite_input`), whose
+    folder is missing, or that cannot be written as asked.
 
     Args:
-        output: the ``-o`` value; ``-`` (standard output) is always fine.
+        output: the ``-o`` value; ``-`` is standard output, refused when it is closed or is
+            (``>> input``) an input file: `overwrite_input` does not apply to a stream, which
+            would append to the input rather than replace it.
         inputs: paths the command read (see :func:`input_paths`).
         overwrite_input: the user asked for it (``--overwrite-input``): the input is then replaced
             atomically, once the new checkpoint is complete.
         folder: the output is a folder (a sharded checkpoint).
 
     Raises:
-        N2NError: the output is an input, or its parent folder does not exist.
+        N2NError: the output is an input, its parent folder does not exist, or it is something
+            n2n does not write (a folder of the user's files, a block device, a dangling link).
     """
+    inputs = list(inputs)
     if output == "-":
+        _check_stdout(inputs, folder)
         return
     for src in inputs:
         if _same_file(src, output) or (folder and os.path.isdir(output) and _inside(src, output)):
             if overwrite_input:
-                return
+                break
             raise N2NError(
                 f"{output}: is the input {src}, and writing there would destroy it; give another -o, or pass "
                 "--overwrite-input to replace it (atomically, once the new checkpoint is complete)"
@@ -194,6 +203,35 @@ def check_output(output: str, inputs: Iterable[str], overwrite_input: bool = Fal
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise N2NError(f"{output}: the output folder {parent} does not exist; create it first (mkdir -p {parent})")
+    if folder:
+        check_destination(output)
+    else:
+        output_target(output)
+
+
+def _check_stdout(inputs: list, folder: bool) -> None:
+    """``-o -``: standard output must be open, and must not be one of the input files."""
+    if folder:
+        check_destination("-")  # refuses: a sharded checkpoint is a folder
+    fd = stdout_fd()
+    if fd is None:  # a Python stream (a test runner's capture): no file to compare
+        return
+    try:
+        out = os.fstat(fd)
+    except OSError as e:
+        raise N2NError(f"cannot write to standard output: {e.strerror}; redirect it (-o - > file) or give -o FILE") from None
+    if not stat.S_ISREG(out.st_mode):
+        return
+    for src in inputs:
+        try:
+            st = os.stat(src)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+            raise N2NError(
+                f"standard output is the input {src} (-o - > or >> an input), and writing there would destroy it; "
+                "redirect to another file, or give -o FILE (with --overwrite-input to replace the input)"
+            )
 
 
 def _inside(path: str, folder: str) -> bool:

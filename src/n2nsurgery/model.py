@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
 import torch
 
 from .arch import Architecture, load_architecture, parse_architecture
-from .checkpoint import Checkpoint, LazyTensor, open_checkpoint, write_checkpoint
+from .checkpoint import Checkpoint, LazyTensor, write_checkpoint
 from .errors import N2NError
 from .ops import get_op
 from .ops.base import ShapeError
+from .shards import write_sharded
+from .storage import open_any
 
 META_FORMAT = "format"
 META_ARCH = "n2n.arch"
@@ -208,7 +211,7 @@ def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optio
         >>> m.shapes["fc2"]
         (10,)
     """
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_any(checkpoint)
     source = ckpt.source
     if arch is not None:
         architecture = load_architecture(arch)
@@ -275,9 +278,28 @@ def save_model(model: Model, dest: str, max_shard_size: int | str | None = None)
         >>> save_model(m, "student.safetensors")
         >>> save_model(m, "student", max_shard_size="500MB")
     """
+    mode = input_mode(model)
     if max_shard_size is not None:
-        from .shards import write_sharded
-
-        write_sharded(dest, model.tensors.sources(), checkpoint_metadata(model), max_shard_size)
+        write_sharded(dest, model.tensors.sources(), checkpoint_metadata(model), max_shard_size, mode=mode)
         return
-    write_checkpoint(dest, model.tensors.sources(), checkpoint_metadata(model))
+    write_checkpoint(dest, model.tensors.sources(), checkpoint_metadata(model), mode=mode)
+
+
+def input_mode(model: Model) -> Optional[int]:
+    """The permission bits a new output of `model` starts from: those of its input file (the
+    bits every shard and the index share, for a sharded input), as ``cp`` copies a source's
+    mode; None when it was read from standard input or built in memory (then 0o666).
+
+    So a private checkpoint (0600) never gives a world-readable student.
+    """
+    base = model.tensors.base
+    paths = [getattr(base, "source", None)] + [s.source for s in (getattr(base, "shards", None) or {}).values()]
+    mode = None
+    for path in paths:
+        try:
+            bits = os.stat(path).st_mode & 0o777 if isinstance(path, str) and path != "<stdin>" else None
+        except OSError:  # gone meanwhile: the others (or the default) decide
+            bits = None
+        if bits is not None:
+            mode = bits if mode is None else mode & bits
+    return mode

@@ -28,10 +28,14 @@ copies to disagree. A shard opened alone is a plain state_dict fragment without 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import tempfile
+from collections import OrderedDict
+from fractions import Fraction
 from typing import Mapping, Optional, Union
 
 import torch
@@ -41,12 +45,13 @@ from .checkpoint import (
     Checkpoint,
     FileSpan,
     TensorSource,
-    current_umask,
     data_size,
     fd_sink,
     nbytes_of,
+    new_file_mode,
     open_checkpoint,
     stream_checkpoint,
+    temp_prefix,
 )
 from .errors import N2NError
 from .inputs import open_input
@@ -61,6 +66,7 @@ _UNITS = {"": 1, "b": 1}
 for _i, _p in enumerate("kmgt", start=1):
     _UNITS[_p + "b"] = 1000**_i
     _UNITS[_p + "ib"] = 1024**_i
+MAX_SHARD_SIZE = 1024**6  # 1 EiB: a file system's largest file is smaller (ext4 16 TiB, XFS 8 EiB)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
@@ -68,7 +74,7 @@ def parse_size(text: Union[str, int]) -> int:
     """A shard size in bytes, from ``500MB``, ``2GiB``, ``1.5GB`` or a plain byte count.
 
     Raises:
-        N2NError: not a size, or less than one byte.
+        N2NError: not a size, less than one byte, or more than :data:`MAX_SHARD_SIZE`.
 
     Example:
         >>> parse_size("2GiB"), parse_size("500MB"), parse_size("4096")
@@ -81,10 +87,18 @@ def parse_size(text: Union[str, int]) -> int:
         unit = m.group(2).lower() if m else None
         if m is None or unit not in _UNITS:
             raise N2NError(f"--max-shard-size: {text!r} is not a size; write e.g. 500MB, 2GiB or a number of bytes")
-        value = int(float(m.group(1)) * _UNITS[unit])
+        value = math.floor(Fraction(m.group(1)) * _UNITS[unit])  # exact: 400 digits are no float
     if value < 1:
         raise N2NError(f"--max-shard-size must be at least one byte, got {text!r}")
+    if value > MAX_SHARD_SIZE:
+        raise N2NError(f"--max-shard-size: {_short(text)} is more than any file can hold (at most 1EiB); "
+                       "write e.g. 5GB, or drop --max-shard-size for one file")
     return value
+
+
+def _short(text) -> str:
+    text = str(text)
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def _natural_key(key: str) -> list:
@@ -118,13 +132,98 @@ def shard_names(count: int) -> list:
 # ---------------------------------------------------------------------------------- reading
 
 
+# Shards held open at once (each holds two descriptors: the file and its map). A checkpoint
+# written with a small --max-shard-size may have thousands of shards, more than the usual
+# limit of 1024 open files, so the others are closed and reopened when next needed.
+OPEN_SHARDS = 32
+
+
+class _OpenShards:
+    """The shards open now, least recently used first; opening one more closes the oldest."""
+
+    def __init__(self, limit: int = OPEN_SHARDS):
+        self.limit = limit
+        self._open: OrderedDict = OrderedDict()  # shard file -> Checkpoint
+
+    def get(self, shard: "_Shard") -> Checkpoint:
+        ckpt = self._open.get(shard.source)
+        if ckpt is not None:
+            self._open.move_to_end(shard.source)
+            return ckpt
+        ckpt = open_checkpoint(shard.source)
+        if ckpt.infos != shard.infos:
+            ckpt.close()
+            raise N2NError(f"{shard.source}: the shard changed while it was being read (was it overwritten?)")
+        self._open[shard.source] = ckpt
+        while len(self._open) > self.limit:
+            self._open.popitem(last=False)[1].close()
+        return ckpt
+
+
+class _Shard:
+    """One shard: its header, read when the checkpoint is opened; its file, open only while used."""
+
+    def __init__(self, source: str, infos: dict, mappable: bool, pool: _OpenShards):
+        self.source = source
+        self.infos = infos
+        self._mappable = mappable  # False: read into memory (standard input, no mmap): no spans
+        self._pool = pool
+
+    def keys(self) -> list:
+        return list(self.infos)
+
+    def __contains__(self, key) -> bool:
+        return key in self.infos
+
+    def shape(self, key: str) -> tuple:
+        return self.infos[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.infos[key].dtype
+
+    def open(self) -> Checkpoint:
+        """The shard's file, opened now unless it still is (closing the least recently used)."""
+        return self._pool.get(self)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.open().get(key)
+
+    def mapped(self, key: str):
+        return self.open().mapped(key)
+
+    def raw(self, key: str) -> memoryview:
+        return self.open().raw(key)
+
+    def span(self, key: str) -> Optional["_ShardSpan"]:
+        info = self.infos[key]
+        return _ShardSpan(self, key, info.start, info.end) if self._mappable else None
+
+
+class _ShardSpan:
+    """A :class:`~n2nsurgery.checkpoint.FileSpan` whose descriptor is looked up when used: the
+    writer asks for every span before it copies any, and the shard may be closed meanwhile."""
+
+    __slots__ = ("shard", "key", "start", "end")
+
+    def __init__(self, shard: _Shard, key: str, start: int, end: int):
+        self.shard, self.key, self.start, self.end = shard, key, start, end
+
+    @property
+    def fd(self) -> int:
+        return self.shard.open().span(self.key).fd
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
 class ShardedCheckpoint:
     """Several safetensors shards read as one checkpoint (same interface as ``Checkpoint``)."""
 
     def __init__(self, source: str, shards: dict, where: dict, metadata: dict):
         self.source = source  # the index file
-        self.shards: dict[str, Checkpoint] = shards  # shard file name -> open shard
-        self._where: dict[str, Checkpoint] = where  # tensor -> its shard, in natural key order
+        self.shards: dict[str, _Shard] = shards  # shard file name -> shard
+        self._where: dict[str, _Shard] = where  # tensor -> its shard, in natural key order
         self.metadata: dict[str, str] = metadata
 
     @property
@@ -153,7 +252,7 @@ class ShardedCheckpoint:
     def raw(self, key: str) -> memoryview:
         return self._where[key].raw(key)
 
-    def span(self, key: str) -> Optional[FileSpan]:
+    def span(self, key: str):
         return self._where[key].span(key)
 
     def shard_of(self, key: str) -> str:
@@ -198,12 +297,12 @@ def open_sharded(path: str):
         path = index
     weight_map, metadata = _read_index(path)
     folder = os.path.dirname(os.path.abspath(path))
-    shards = {}
+    shards, pool = {}, _OpenShards()
     for name in sorted(set(weight_map.values())):
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
             raise N2NError(f"{path}: shard {name!r} named in weight_map is missing from {folder}")
-        shards[name] = open_checkpoint(file)
+        shards[name] = _read_shard_header(file, pool)
     for name, shard in shards.items():
         for key in shard.keys():
             if weight_map.get(key) != name:
@@ -214,6 +313,17 @@ def open_sharded(path: str):
             raise N2NError(f"{path}: weight_map puts tensor {key!r} in {name!r}, which does not hold it")
     where = {k: shards[weight_map[k]] for k in sorted(weight_map, key=_natural_key)}
     return ShardedCheckpoint(path, shards, where, metadata)
+
+
+def _read_shard_header(file: str, pool: _OpenShards) -> _Shard:
+    """Read one shard's header, then close it: only a few shards are held open at a time."""
+    ckpt = open_checkpoint(file)
+    try:
+        keys = ckpt.keys()
+        mappable = bool(keys) and ckpt.span(keys[0]) is not None  # a file we can copy from
+        return _Shard(file, ckpt.infos, mappable, pool)
+    finally:
+        ckpt.close()
 
 
 def _read_index(path: str) -> tuple:
@@ -235,6 +345,9 @@ def _read_index(path: str) -> tuple:
         norm = os.path.normpath(name)
         if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep):
             bad(f"weight_map entry for {key!r} names {name!r}, outside the index's folder")
+        if name.endswith(".json"):  # the index itself, or another one: shards are safetensors files
+            bad(f"weight_map entry for {key!r} names {name!r}, an index, not a shard; "
+                "each entry must name a .safetensors file beside the index")
     raw_meta = index.get("metadata", {})
     if raw_meta is None:
         raw_meta = {}
@@ -249,19 +362,25 @@ def _read_index(path: str) -> tuple:
 
 
 def write_sharded(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str],
-                  max_shard_size: Union[int, str]) -> list:
+                  max_shard_size: Union[int, str], mode: Optional[int] = None) -> list:
     """Write a sharded checkpoint into folder `dest`, atomically, with deterministic bytes.
 
     The shards and the index are written into a temporary folder beside `dest` and renamed to
     `dest`. An existing `dest` is replaced only when it holds nothing but a sharded
-    checkpoint's files (never a folder with anything else in it), and then only after the new
-    files are synced to disk (as :func:`~n2nsurgery.checkpoint.write_checkpoint` does).
+    checkpoint's files (regular files with the names n2n writes: never a folder with anything
+    else in it, see :func:`check_destination`), and then only after the new files are synced to
+    disk (as :func:`~n2nsurgery.checkpoint.write_checkpoint` does).
+
+    Permissions: a replaced checkpoint keeps its modes (its index file's for the files, its
+    folder's for the folder); a new one gets `mode` (the input's) minus the umask, the folder
+    the same with search permission wherever it is readable (0600 gives 0700).
 
     Args:
         dest: the output folder.
         tensors: name -> tensor or :class:`~n2nsurgery.checkpoint.LazyTensor`.
         metadata: checkpoint metadata; goes into the index (see the module notes).
         max_shard_size: bytes per shard, or a size such as ``"2GiB"`` (:func:`parse_size`).
+        mode: permission bits of the input file; None: 0o666.
 
     Returns:
         The shard file names, in order.
@@ -274,23 +393,24 @@ def write_sharded(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapp
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
     """
     limit = parse_size(max_shard_size)
-    _check_destination(dest)
+    check_destination(dest)
     plan = plan_shards(tensors, limit)
     names = shard_names(len(plan))
     parent = os.path.dirname(os.path.abspath(dest))
     base = os.path.basename(os.path.abspath(dest))
     try:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{base}.", suffix=".tmp")
+        tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(parent, base, ".tmp"), suffix=".tmp")
     except OSError as e:
         raise N2NError(f"{dest}: cannot write in {parent} ({e.strerror})") from None
     replacing = os.path.isdir(dest)  # sync before replacing an old checkpoint, only then
+    file_mode, folder_mode = _output_modes(dest, mode)
     try:
         with progress.task(f"writing {base}/", data_size(tensors)) as bar:
             for name, keys in zip(names, plan):
-                _write_file(os.path.join(tmp, name), lambda fd: stream_checkpoint(fd_sink(fd, bar), {k: tensors[k] for k in keys}, SHARD_METADATA), replacing)
+                _write_file(os.path.join(tmp, name), lambda fd: stream_checkpoint(fd_sink(fd, bar), {k: tensors[k] for k in keys}, SHARD_METADATA), replacing, file_mode)
         index = index_json(tensors, metadata, plan, names)
-        _write_file(os.path.join(tmp, INDEX_NAME), lambda fd: _write_all(fd, index), replacing)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the folder the usual mode
+        _write_file(os.path.join(tmp, INDEX_NAME), lambda fd: _write_all(fd, index), replacing, file_mode)
+        os.chmod(tmp, folder_mode)  # mkdtemp makes 0700
         if replacing:
             _fsync_dir(tmp)
         _move_into_place(tmp, dest)
@@ -302,6 +422,17 @@ def write_sharded(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapp
     return names
 
 
+def _output_modes(dest: str, mode: Optional[int]) -> tuple:
+    """(file mode, folder mode) of a sharded checkpoint written to `dest` (see write_sharded)."""
+    try:
+        old_index = os.lstat(os.path.join(dest, INDEX_NAME))
+        old_folder = os.lstat(dest)
+    except OSError:  # nothing there, or no index: a new checkpoint
+        file_mode = new_file_mode(mode)
+        return file_mode, file_mode | (file_mode & 0o444) >> 2  # r-- gives r-x: a folder to list
+    return stat.S_IMODE(old_index.st_mode) & 0o777, stat.S_IMODE(old_folder.st_mode)
+
+
 def index_json(tensors: Mapping[str, TensorSource], metadata: Mapping[str, str], plan: list, names: list) -> bytes:
     """The bytes of ``model.safetensors.index.json``: sorted keys, two-space indent, newline."""
     meta = {str(k): str(v) for k, v in metadata.items()}
@@ -310,7 +441,17 @@ def index_json(tensors: Mapping[str, TensorSource], metadata: Mapping[str, str],
     return (json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _check_destination(dest: str) -> None:
+def check_destination(dest: str) -> None:
+    """Refuse an output folder for a sharded checkpoint that n2n must not write or replace.
+
+    Called before any work (:func:`n2nsurgery.guards.check_output`) and again by
+    :func:`write_sharded`. An existing folder is replaced only when every entry is a regular
+    file named as n2n names shards and the index: a sub-folder, a link or a device with such a
+    name is the user's, and replacing the folder would delete it.
+
+    Raises:
+        N2NError: naming the destination, or the first entry that is not n2n's.
+    """
     if dest == "-":
         raise N2NError("a sharded checkpoint is a folder and cannot go to standard output; give -o FOLDER, or drop --max-shard-size")
     if dest.endswith((".safetensors", ".json")):
@@ -318,19 +459,34 @@ def _check_destination(dest: str) -> None:
     parent = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(parent):
         raise N2NError(f"{dest}: the output folder {parent} does not exist")
+    if os.path.islink(dest):
+        raise N2NError(f"{dest}: is a symbolic link; n2n replaces only a folder holding a sharded checkpoint; give a new folder name")
     if os.path.lexists(dest) and not os.path.isdir(dest):
         raise N2NError(f"{dest}: exists and is not a folder; give a new folder name for the sharded checkpoint")
     if os.path.isdir(dest):
-        others = [n for n in os.listdir(dest) if n != INDEX_NAME and not _SHARD_NAME.match(n)]
-        if others or os.path.islink(dest):
-            raise N2NError(f"{dest}: the folder exists and holds other files ({others[0] if others else 'it is a link'}); "
-                           "n2n replaces only a folder holding a sharded checkpoint; give a new folder name")
+        for name in sorted(os.listdir(dest)):
+            if not _is_ours(os.path.join(dest, name)):
+                raise N2NError(f"{dest}: the folder exists and holds {name!r}, which is not a file n2n writes; "
+                               "n2n replaces only a folder holding nothing but a sharded checkpoint; give a new folder name")
 
 
-def _write_file(path: str, write, sync: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+def _is_ours(path: str) -> bool:
+    """Whether `path` is a file a sharded write makes: a regular file (not a link, a folder or
+    a device) named as a shard or the index."""
+    name = os.path.basename(path)
+    if name != INDEX_NAME and not _SHARD_NAME.match(name):
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _write_file(path: str, write, sync: bool, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         write(fd)
+        os.fchmod(fd, mode)  # not left to the umask: see write_sharded's permissions
         if sync:
             os.fsync(fd)
     finally:
@@ -358,11 +514,25 @@ def _move_into_place(tmp: str, dest: str) -> None:
         return
     # A folder cannot be renamed over a non-empty one: move the old one aside, then delete it.
     parent = os.path.dirname(os.path.abspath(dest))
-    old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(dest))}.", suffix=".old")
+    base = os.path.basename(os.path.abspath(dest))
+    old = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(parent, base, ".old"), suffix=".old")
     os.rename(dest, old)  # onto the empty placeholder folder
     try:
         os.rename(tmp, dest)
     except BaseException:
         os.rename(old, dest)  # put the old output back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_old(old)
+
+
+def _remove_old(folder: str) -> None:
+    """Delete the replaced checkpoint: only n2n's own files, so anything that appeared in it
+    since :func:`check_destination` looked stays (in the ``.old`` folder) rather than being lost."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if _is_ours(path):
+            os.unlink(path)
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass

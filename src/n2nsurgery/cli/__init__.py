@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -64,15 +65,42 @@ def _return_freed_memory() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a CI cancel), raised in the main thread like Ctrl-C, so a
+    write in progress removes its temporary file; the process then exits 143 (128 + 15)."""
+
+
+_terminated = []  # non-empty once SIGTERM arrived
+
+
+def _raise_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated`, unless whoever started us chose to ignore it."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        _terminated.append(signum)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
     """The ``n2n`` console script: run the command, then leave without interpreter teardown."""
     _return_freed_memory()
+    _raise_on_sigterm()
     try:
-        app()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    _exit_now(code)
+        try:
+            app()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # done or cleaned up: exit as planned
+    except Terminated:  # arrived outside a command (at start-up, or as it returned)
+        code = 143
+    _exit_now(143 if _terminated else code)
 
 
 def _exit_now(code) -> None:
