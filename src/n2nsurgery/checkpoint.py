@@ -665,7 +665,8 @@ def write_checkpoint(dest: str, tensors: Mapping[str, TensorSource], metadata: M
 
 
 def _write_stdout(tensors, metadata) -> None:
-    if stdout_fd() is not None and sys.stdout.isatty():
+    stdout_fd()  # refuses a closed standard output
+    if sys.stdout.isatty():
         raise N2NError("refusing to write a binary checkpoint to a terminal: redirect it (-o - > file, or | n2n ...) or give -o FILE")
     try:
         with progress.task(f"writing {_label(STDIN)}", data_size(tensors)) as bar:

@@ -466,7 +466,7 @@ def check_destination(dest: str) -> None:
     if os.path.isdir(dest):
         for name in sorted(os.listdir(dest)):
             if not _is_ours(os.path.join(dest, name)):
-                raise N2NError(f"{dest}: the folder exists and holds {name!r}, which is not a file n2n writes; "
+                raise N2NError(f"{dest}: the folder exists and holds other files ({name!r} is not a file n2n writes); "
                                "n2n replaces only a folder holding nothing but a sharded checkpoint; give a new folder name")
 
 
