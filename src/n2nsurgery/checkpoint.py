@@ -27,10 +27,11 @@ import json
 import math
 import mmap
 import os
+import secrets
+import shutil
 import stat
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Optional, Union
 
@@ -171,7 +172,7 @@ class Checkpoint:
         """Close the input file and its map (a map still viewed by a tensor is freed with it)."""
         if self._file is not None:
             self._file.close()
-        if isinstance(self._buffer, mmap.mmap):
+        if not isinstance(self._buffer, (bytes, bytearray)):  # a map
             try:
                 self._buffer.close()
             except BufferError:  # a tensor still views it: it is unmapped when the last view goes
@@ -698,31 +699,80 @@ def _write_through(dest: str, tensors, metadata) -> None:
 def _write_atomically(dest: str, path: str, tensors, metadata, mode: Optional[int]) -> None:
     """Write `path` (the regular file `dest` names) via a temporary file renamed over it."""
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=temp_prefix(folder, os.path.basename(path), ".tmp"), suffix=".tmp")
-    except OSError as e:
-        raise N2NError(f"{dest}: cannot write in {folder} ({e.strerror})") from None
     old = _regular_file_mode(path)  # None: nothing there yet
+    tmp = TempPath(folder, os.path.basename(path), ".tmp")
     try:
+        try:
+            fd = tmp.create_file()
+        except OSError as e:
+            raise N2NError(f"{dest}: cannot write in {folder} ({e.strerror})") from None
         try:
             with progress.task(f"writing {_label(dest)}", data_size(tensors)) as bar:
                 stream_checkpoint(_FdSink(fd, bar), tensors, metadata)
-            # mkstemp makes 0600: a replaced file keeps its mode, a new one gets the input's.
+            # Created 0600: a replaced file keeps its mode, a new one gets the input's.
             os.fchmod(fd, old if old is not None else new_file_mode(mode))
             if old is not None:
                 os.fsync(fd)
         finally:
             os.close(fd)
         _check_rename_target(dest, path)
-        os.replace(tmp, path)
+        os.replace(tmp.path, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        tmp.remove()
         if isinstance(e, OSError):
             raise N2NError(f"{dest}: write failed ({e.strerror})") from None
         raise
+
+
+class TempPath:
+    """A temporary file or folder beside an output, named so that it can always be removed.
+
+    ``tempfile.mkstemp`` creates the file and only then returns its name: an interrupt (Ctrl-C,
+    SIGTERM) landing in between leaves a file nobody knows about. Here the name is recorded
+    before the file is created, so :meth:`remove` after any interrupt finds it. Names are
+    ``.NAME.XXXXXXXX.tmp`` where that fits the file system's name limit, else ``.n2n-XXXXXXXX.tmp``
+    (see :func:`temp_prefix`).
+    """
+
+    def __init__(self, folder: str, name: str, suffix: str):
+        self.folder = folder
+        self.prefix = temp_prefix(folder, name, suffix)
+        self.suffix = suffix
+        self.path: Optional[str] = None  # set before each attempt to create it
+        self.is_dir = False
+
+    def create_file(self) -> int:
+        """Create the file (mode 0600, exclusively) and return its descriptor."""
+        return self._create(lambda p: os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
+
+    def create_dir(self) -> str:
+        """Create the folder (mode 0700, exclusively) and return its path."""
+        self.is_dir = True
+        self._create(lambda p: os.mkdir(p, 0o700))
+        return self.path
+
+    def _create(self, make):
+        for _ in range(100):
+            self.path = os.path.join(self.folder, f"{self.prefix}{secrets.token_hex(4)}{self.suffix}")
+            try:
+                return make(self.path)
+            except FileExistsError:  # another run's: try another name, never remove that one
+                self.path = None
+        raise N2NError(f"{self.folder}: cannot create a temporary file there (every name tried exists)")
+
+    def remove(self) -> None:
+        """Remove what was (or may have been) created; nothing when it is gone already."""
+        if self.path is None:
+            return
+        try:
+            if self.is_dir:
+                shutil.rmtree(self.path)
+            else:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # nothing more we can do; the message of the original failure matters more
 
 
 def _regular_file_mode(path: str) -> Optional[int]:
@@ -761,7 +811,7 @@ def temp_prefix(folder: str, name: str, suffix: str) -> str:
     except (OSError, ValueError):
         name_max = 255
     prefix = f".{name}."
-    # mkstemp/mkdtemp add 8 random characters between prefix and suffix.
+    # TempPath adds 8 random characters between prefix and suffix.
     if len(os.fsencode(prefix)) + 8 + len(os.fsencode(suffix)) <= name_max:
         return prefix
     return ".n2n-"

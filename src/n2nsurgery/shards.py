@@ -31,9 +31,7 @@ import json
 import math
 import os
 import re
-import shutil
 import stat
-import tempfile
 from collections import OrderedDict
 from fractions import Fraction
 from typing import Mapping, Optional, Union
@@ -51,7 +49,7 @@ from .checkpoint import (
     new_file_mode,
     open_checkpoint,
     stream_checkpoint,
-    temp_prefix,
+    TempPath,
 )
 from .errors import N2NError
 from .inputs import open_input
@@ -398,13 +396,14 @@ def write_sharded(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapp
     names = shard_names(len(plan))
     parent = os.path.dirname(os.path.abspath(dest))
     base = os.path.basename(os.path.abspath(dest))
-    try:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(parent, base, ".tmp"), suffix=".tmp")
-    except OSError as e:
-        raise N2NError(f"{dest}: cannot write in {parent} ({e.strerror})") from None
     replacing = os.path.isdir(dest)  # sync before replacing an old checkpoint, only then
     file_mode, folder_mode = _output_modes(dest, mode)
+    temp = TempPath(parent, base, ".tmp")
     try:
+        try:
+            tmp = temp.create_dir()
+        except OSError as e:
+            raise N2NError(f"{dest}: cannot write in {parent} ({e.strerror})") from None
         with progress.task(f"writing {base}/", data_size(tensors)) as bar:
             for name, keys in zip(names, plan):
                 _write_file(os.path.join(tmp, name), lambda fd: stream_checkpoint(fd_sink(fd, bar), {k: tensors[k] for k in keys}, SHARD_METADATA), replacing, file_mode)
@@ -415,7 +414,7 @@ def write_sharded(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapp
             _fsync_dir(tmp)
         _move_into_place(tmp, dest)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        temp.remove()
         if isinstance(e, OSError):
             raise N2NError(f"{dest}: write failed ({e.strerror})") from None
         raise
@@ -508,21 +507,27 @@ def _fsync_dir(path: str) -> None:
 
 
 def _move_into_place(tmp: str, dest: str) -> None:
-    """Rename the finished folder to `dest`; an old sharded checkpoint there is swapped out first."""
+    """Rename the finished folder to `dest`; an old sharded checkpoint there is swapped out first.
+
+    Interrupted at any point, `dest` holds the old checkpoint or the new one, never neither.
+    """
     if not os.path.isdir(dest):
         os.rename(tmp, dest)
         return
     # A folder cannot be renamed over a non-empty one: move the old one aside, then delete it.
     parent = os.path.dirname(os.path.abspath(dest))
-    base = os.path.basename(os.path.abspath(dest))
-    old = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(parent, base, ".old"), suffix=".old")
-    os.rename(dest, old)  # onto the empty placeholder folder
+    old = TempPath(parent, os.path.basename(os.path.abspath(dest)), ".old")
     try:
+        old.create_dir()
+        os.rename(dest, old.path)  # onto the empty placeholder folder
         os.rename(tmp, dest)
     except BaseException:
-        os.rename(old, dest)  # put the old output back
+        if old.path is not None and not os.path.lexists(dest) and os.path.isdir(old.path):
+            os.rename(old.path, dest)  # put the old output back
+        elif old.path is not None:
+            _remove_old(old.path)  # the empty placeholder, or the old output once the new is in place
         raise
-    _remove_old(old)
+    _remove_old(old.path)
 
 
 def _remove_old(folder: str) -> None:
