@@ -10,9 +10,11 @@ cheaper to refuse up front than to discover at the end:
 * **NaN and Inf.** A checkpoint whose parameters hold NaN computes NaN, and NaN = NaN passes
   any comparison that treats matching NaNs as equal: a "verified" surgery would prove nothing.
   :func:`check_finite` refuses such checkpoints unless the user opts in (``--allow-nonfinite``).
-* **Losing the input.** ``-o`` naming the input file would replace the teacher (atomically, but
-  it would be gone). :func:`check_output` refuses that unless the user says so
-  (``--overwrite-input``), and refuses a missing output folder before the work starts.
+* **Losing the input, or the user's files.** ``-o`` naming the input file would replace the
+  teacher (atomically, but it would be gone). :func:`check_output` refuses that unless the user
+  says so (``--overwrite-input``), refuses ``-o -`` when standard output is closed or is an
+  input file (``>> input``), and refuses, before the work starts, a missing output folder and
+  an output n2n must not write (a block device, a dangling link, a folder of other files).
 """
 
 from __future__ import annotations

@@ -11,13 +11,18 @@ A sharded checkpoint is a folder::
 **Reading.** :func:`open_sharded` takes the index file or the folder holding it and returns a
 :class:`ShardedCheckpoint`, which answers like one :class:`~n2nsurgery.checkpoint.Checkpoint`
 (lazy tensors from each shard's memory map; untouched tensors copied file to file on write).
-:func:`~n2nsurgery.checkpoint.open_checkpoint` hands folders and ``.json`` paths here, so every
-command that takes a CKPT takes a sharded one.
+Every shard's header is read and checked when the checkpoint is opened, but at most
+:data:`OPEN_SHARDS` shard files are held open at a time (thousands of shards would exceed the
+usual limit of 1024 open files); the others are reopened when next needed.
+:func:`~n2nsurgery.storage.open_any` hands folders and ``.json`` paths here, so every command
+that takes a CKPT takes a sharded one.
 
 **Writing.** :func:`write_sharded` plans shards of at most `max_shard_size` tensor bytes (a
 tensor larger than that gets a shard of its own, as Hugging Face does), in natural key order
 (``layer.2`` before ``layer.10``, so a layer's tensors stay together), and writes them into a
-temporary folder beside the destination that is renamed into place once complete.
+temporary folder beside the destination that is renamed into place once complete. An existing
+folder is replaced only when it holds nothing but regular files n2n writes
+(:func:`check_destination`), and only those files are deleted.
 
 **Where the architecture lives.** The index's ``metadata`` holds ``total_size`` (an integer, the
 sum of the tensor bytes), ``format``, ``n2n.arch``, ``n2n.history`` and any other metadata
