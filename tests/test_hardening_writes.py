@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -239,7 +240,8 @@ outputs: [fc2]
 """
 
 
-def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path, sharded):
     g = torch.Generator().manual_seed(0)
     ckpt, arch = tmp_path / "in" / "big.safetensors", tmp_path / "in" / "big.yaml"
     ckpt.parent.mkdir()
@@ -248,9 +250,9 @@ def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
     arch.write_text(BIG_YAML)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    dest = out_dir / "student.safetensors"
+    dest = out_dir / ("student" if sharded else "student.safetensors")
     cmd = [n2n_exe(), "-q", "widen", str(ckpt), "--arch", str(arch), "--layer", "fc1", "--width", "8192",
-           "--no-verify", "-o", str(dest)]
+           "--no-verify", "-o", str(dest), *(["--max-shard-size", "20MB"] if sharded else [])]
     outcomes = []
     for delay in (0.0, 0.0, 0.02, 0.1):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -262,8 +264,11 @@ def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
         _, err = proc.communicate(timeout=120)
         outcomes.append(proc.returncode)
         if proc.returncode == 0:  # finished before the signal: a complete output
-            load_file(str(dest))
-            dest.unlink()
+            if sharded:
+                shutil.rmtree(dest)
+            else:
+                load_file(str(dest))
+                dest.unlink()
             continue
         assert proc.returncode == 143, err.decode()
         assert b"interrupted; nothing was written" in err and b"Traceback" not in err

@@ -46,7 +46,7 @@ import torch
 from . import progress
 from .checkpoint import (
     Checkpoint,
-    FileSpan,
+    TempPath,
     TensorSource,
     data_size,
     fd_sink,
@@ -54,7 +54,6 @@ from .checkpoint import (
     new_file_mode,
     open_checkpoint,
     stream_checkpoint,
-    TempPath,
 )
 from .errors import N2NError
 from .inputs import open_input
