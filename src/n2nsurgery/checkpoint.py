@@ -769,10 +769,8 @@ class TempPath:
                 shutil.rmtree(self.path)
             else:
                 os.unlink(self.path)
-        except FileNotFoundError:
+        except OSError:  # gone already, or out of our hands: the original failure matters more
             pass
-        except OSError:
-            pass  # nothing more we can do; the message of the original failure matters more
 
 
 def _regular_file_mode(path: str) -> Optional[int]:
