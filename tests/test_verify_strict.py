@@ -257,3 +257,25 @@ def test_nonfinite_output_check_is_an_input_error_not_a_bug():
         n2n.commit(bad, bad, None, device="cpu", allow_nonfinite=True)
     assert e.value.exit_code == 2 and "the teacher's output 'fc3' is NaN/Inf" in str(e.value)
 
+
+
+def test_intermediates_accumulate_over_probe_chunks():
+    """More probes than one chunk: each value's figures are the worst over every chunk."""
+    teacher = _quiet_teacher()
+    wrong = _wrong_widening(teacher)
+    one = n2n.verify(teacher, wrong, device="cpu", probes=verify_mod.PROBE_CHUNK)
+    many = n2n.verify(teacher, wrong, device="cpu", probes=2 * verify_mod.PROBE_CHUNK + 3)
+    assert many.intermediates.compared == one.intermediates.compared == 2
+    assert many.intermediates.worst.max_abs >= one.intermediates.worst.max_abs  # the first chunk is the same probes
+    assert not many.passed
+
+
+@pytest.mark.parametrize("command", [["widen", "--layer", "fc1", "--width", "5"], ["deepen", "--after", "relu1"]])
+def test_surgery_json_reports_the_intermediates(runner, tmp_path, command):
+    ckpt = _save(_quiet_teacher(), tmp_path / "t.safetensors")
+    result = runner.invoke(app, [command[0], ckpt, *command[1:], "--dry-run", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    inner = json.loads(result.stdout)["verification"]["intermediates"]
+    assert inner["compared"] >= 2 and inner["failed"] == 0 and inner["worst"]["passed"] is True
+    result = runner.invoke(app, [command[0], ckpt, *command[1:], "--dry-run", "--json", "--device", "cpu", "--outputs-only"])
+    assert json.loads(result.stdout)["verification"]["intermediates"] is None

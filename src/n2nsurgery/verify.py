@@ -247,16 +247,17 @@ class _Intermediates:
     def compare(self, name: str, va: torch.Tensor, vb: torch.Tensor) -> None:
         if name in self.nonfinite:
             return
-        a64, b64 = va.double(), vb.double()
-        fin_a = torch.isfinite(a64)
-        if not bool(fin_a.all()):
+        # In the compute dtype, not float64: no copies of a wide value, and the difference of two
+        # close floats is exact (Sterbenz), so only far-apart values round, far beyond any bound.
+        if not bool(torch.isfinite(va).all()):
             self.nonfinite.add(name)
             return
-        if bool(torch.isfinite(b64).all()):
-            diff = float((b64 - a64).abs().max()) if a64.numel() else 0.0
+        if va.numel() == 0:
+            diff, scale = 0.0, 0.0
+        elif bool(torch.isfinite(vb).all()):
+            diff, scale = float((vb - va).abs().max()), float(va.abs().max())
         else:
-            diff = math.inf
-        scale = float(a64.abs().max()) if a64.numel() else 0.0
+            diff, scale = math.inf, float(va.abs().max())
         self.max_abs[name] = max(self.max_abs.get(name, 0.0), diff)
         self.scale[name] = max(self.scale.get(name, 0.0), scale)
 
