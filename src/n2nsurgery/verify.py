@@ -249,15 +249,17 @@ class _Intermediates:
             return
         # In the compute dtype, not float64: no copies of a wide value, and the difference of two
         # close floats is exact (Sterbenz), so only far-apart values round, far beyond any bound.
-        if not bool(torch.isfinite(va).all()):
-            self.nonfinite.add(name)
-            return
+        # Two passes: NaN and Inf propagate into a max, so a finite max|v_A| means A is finite,
+        # and then a finite max|v_B - v_A| means B is too.
         if va.numel() == 0:
             diff, scale = 0.0, 0.0
-        elif bool(torch.isfinite(vb).all()):
-            diff, scale = float((vb - va).abs().max()), float(va.abs().max())
         else:
-            diff, scale = math.inf, float(va.abs().max())
+            scale = _max_abs(va)
+            if not math.isfinite(scale):
+                self.nonfinite.add(name)
+                return
+            diff = _max_abs(vb - va)
+            diff = diff if math.isfinite(diff) else math.inf
         self.max_abs[name] = max(self.max_abs.get(name, 0.0), diff)
         self.scale[name] = max(self.scale.get(name, 0.0), scale)
 
@@ -280,6 +282,14 @@ class _Intermediates:
             worst=max(checks, key=_excess) if checks else None,
             failures=failed[:20],
         )
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    """max |t| in one pass without a temporary; NaN when `t` holds a NaN."""
+    if not t.is_floating_point():
+        return float(t.abs().max())
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi)) if not (bool(torch.isnan(lo)) or bool(torch.isnan(hi))) else math.nan
 
 
 def _run_lockstep(a, b, chunk: dict, device, dtype, tracker: _Intermediates, on_node) -> tuple:
