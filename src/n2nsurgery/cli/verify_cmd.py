@@ -45,6 +45,7 @@ def verify_cmd(
         emit_json(result.to_dict())
     else:
         print_verify(result)
+        if not result.passed:
+            report_verify_failure(result)
     if not result.passed:
-        report_verify_failure(result)
         raise typer.Exit(1)
