@@ -157,3 +157,14 @@ def test_dry_run_still_fails_verification(runner, tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     assert "error: widening 'fc1' is not function-preserving: the outputs agree, but the value of node 'fc2'" in result.stderr
     assert _files(tmp_path) == {"quiet.safetensors"}
+
+
+def test_apply_reports_the_intermediates_of_every_step_unless_outputs_only(runner):
+    result = runner.invoke(app, SURGERY["apply"] + ["--dry-run", "--json"])
+    report = json.loads(result.stdout)
+    assert all(s["verification"]["intermediates"]["compared"] > 0 for s in report["steps"])
+    assert report["end_to_end"]["intermediates"]["failed"] == 0
+    result = runner.invoke(app, SURGERY["apply"] + ["--dry-run", "--json", "--outputs-only"])
+    report = json.loads(result.stdout)
+    assert all(s["verification"]["intermediates"] is None for s in report["steps"])
+    assert report["end_to_end"]["intermediates"] is None
