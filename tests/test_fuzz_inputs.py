@@ -475,16 +475,26 @@ def test_nonfinite_tensors_are_refused_unless_allowed(runner, tmp_path, value, c
     assert_nothing_written(tmp_path, before)
 
 
-@pytest.mark.parametrize("command", ["widen", "deepen", "verify"])
-def test_allow_nonfinite_goes_ahead(runner, tmp_path, command):
+@pytest.mark.parametrize("command", ["widen", "deepen"])
+def test_allow_nonfinite_goes_ahead_unverified(runner, tmp_path, command):
     # NaN in the output layer's bias: the same output entry is NaN in teacher and student.
     ckpt = _poisoned(tmp_path, float("nan"), key="fc3.bias")
     out = tmp_path / "out.safetensors"
     args = [a.format(ckpt=ckpt, out=out) for a in SURGERY[command]] + ["--allow-nonfinite"]
-    result = invoke(runner, args)
+    # A NaN output cannot vouch for the student: verifying is refused (exit 2), not "pass".
+    assert_refused(invoke(runner, args), "the teacher's output 'fc3' is NaN/Inf on the probes", "--no-verify")
+    assert not out.exists()
+    result = invoke(runner, args + ["--no-verify"])
     assert result.exit_code == 0, result.output
-    if command != "verify":
-        assert out.exists()
+    assert out.exists()
+
+
+def test_allow_nonfinite_verify_never_says_equal(runner, tmp_path):
+    ckpt = _poisoned(tmp_path, float("nan"), key="fc3.bias")
+    args = [a.format(ckpt=ckpt) for a in SURGERY["verify"]] + ["--allow-nonfinite"]
+    result = invoke(runner, args)
+    assert result.exit_code == 1, result.output
+    assert "output 'fc3' is not finite on the probes" in result.stderr
 
 
 # ---------------------------------------------------------------------------- names that are not UTF-8

@@ -18,8 +18,8 @@ from n2nsurgery.cli import app
 from n2nsurgery.examples import MLP_YAML, build
 from n2nsurgery.executor import run
 
-VERIFY_KEYS = {"passed", "outputs", "device", "probes", "seed", "atol", "rtol"}
-OUTPUT_KEYS = {"name", "name_b", "shape", "max_abs", "max_rel", "bound", "passed"}
+VERIFY_KEYS = {"passed", "outputs", "device", "probes", "seed", "atol", "rtol", "intermediates"}
+OUTPUT_KEYS = {"name", "name_b", "shape", "max_abs", "max_rel", "bound", "passed", "nonfinite_a", "nonfinite_b", "numel"}
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ The Python API mirrors the CLI::
 
 __version__ = "0.1.0"
 
+from .commit import CommitResult, commit  # noqa: E402
 from .arch import Architecture, load_architecture, parse_architecture  # noqa: E402
 from .errors import N2NError, VerificationFailed  # noqa: E402
 from .model import Model, load_model, model_from_state_dict, save_model  # noqa: E402
@@ -18,6 +19,8 @@ from .verify import VerifyResult, verify  # noqa: E402
 
 __all__ = [
     "Architecture",
+    "CommitResult",
+    "commit",
     "Model",
     "N2NError",
     "VerificationFailed",

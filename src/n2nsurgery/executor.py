@@ -7,7 +7,7 @@ after its last reader, so memory follows the widest point of the graph, not the 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -73,6 +73,26 @@ def run(model, inputs: Mapping[str, torch.Tensor], device="cpu", dtype: torch.dt
     dropped after it, so a model larger than the GPU's (or this machine's) memory streams through.
     `on_node` is called after every node (progress bars).
     """
+    with exact_math():
+        steps = node_values(model, inputs, device, dtype, on_node)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+
+def node_values(model, inputs: Mapping[str, torch.Tensor], device="cpu", dtype: torch.dtype | None = None,
+                on_node: Callable[[], None] | None = None) -> Iterator[tuple]:
+    """Run `model` node by node, yielding ``(name, value)`` as each node's value is computed.
+
+    The generator's return value (``StopIteration.value``) is the list of outputs, as
+    :func:`run` returns it. It enters no context itself, so the caller must hold
+    :func:`exact_math` around the whole iteration: two of these generators can then run in
+    lockstep (verification compares intermediate values of two models as they appear) without
+    one restoring the other's global modes halfway. A value yielded is still referenced by the
+    graph until its last reader, so the caller must not modify it.
+    """
     device = torch.device(device)
     dtype = dtype or compute_dtype(model)
     arch = model.arch
@@ -85,24 +105,25 @@ def run(model, inputs: Mapping[str, torch.Tensor], device="cpu", dtype: torch.dt
     def prep(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-    with exact_math():
-        values = {name: prep(inputs[name]) for name in arch.inputs}
-        for i, node in enumerate(arch.nodes):
-            op = get_op(node.op)
-            with contextlib.ExitStack() as held:
-                params = {}
-                for role in op.params:
-                    key = node.param_key(role)
-                    # Read in place (no copy) for the length of this node: forward only reads them.
-                    params[role] = prep(held.enter_context(model.tensors.mapped(key))) if key in model.tensors else None
-                try:
-                    values[node.name] = op.forward([values[s] for s in node.inputs], params, node.resolved_attrs())
-                except RuntimeError as e:  # shapes were checked, so this is a device or memory problem
-                    raise N2NError(f"node {node.name!r} ({node.op}) failed on {device}: {str(e).splitlines()[0]}") from None
-                del params
-            if on_node is not None:
-                on_node()
-            for src in set(node.inputs):
-                if last_use.get(src) == i and src not in keep:
-                    values.pop(src, None)
-        return [values[o] for o in arch.outputs]
+    values = {name: prep(inputs[name]) for name in arch.inputs}
+    for i, node in enumerate(arch.nodes):
+        op = get_op(node.op)
+        with contextlib.ExitStack() as held:
+            params = {}
+            for role in op.params:
+                key = node.param_key(role)
+                # Read in place (no copy) for the length of this node: forward only reads them.
+                params[role] = prep(held.enter_context(model.tensors.mapped(key))) if key in model.tensors else None
+            try:
+                values[node.name] = op.forward([values[s] for s in node.inputs], params, node.resolved_attrs())
+            except RuntimeError as e:  # shapes were checked, so this is a device or memory problem
+                raise N2NError(f"node {node.name!r} ({node.op}) failed on {device}: {str(e).splitlines()[0]}") from None
+            del params
+        if on_node is not None:
+            on_node()
+        # Yielded outside the parameter mapping: the caller may hold us here for a while.
+        yield node.name, values[node.name]
+        for src in set(node.inputs):
+            if last_use.get(src) == i and src not in keep:
+                values.pop(src, None)
+    return [values[o] for o in arch.outputs]

@@ -353,15 +353,23 @@ def apply_recipe(
     verify: Optional[bool] = None,
     device: Optional[str] = None,
     on_step: Optional[Callable[[StepReport], None]] = None,
+    out: Optional[str] = None,
+    dry_run: bool = False,
+    outputs_only: bool = False,
+    max_shard_size: Optional[int] = None,
+    overwrite_input: bool = False,
+    allow_nonfinite: bool = False,
 ):
     """Run every step of `recipe` on `model`, in order, verifying each against the step before.
 
-    Each step calls :func:`n2nsurgery.widen.widen` or :func:`n2nsurgery.deepen.deepen` with the
-    step's arguments and seed (:func:`step_seed`), then (unless verification is off) checks the
-    new model against the previous one with :func:`n2nsurgery.surgery.check_student`. When there
-    is more than one step, the final student is also checked against the original `model`, so
-    errors that pass step by step cannot add up unnoticed. The first failure raises; nothing is
-    written by this function in any case.
+    The recipe goes through the same safety chain as a single surgery (:mod:`n2nsurgery.commit`):
+    `out` and the teacher's finiteness are checked before the first step; each step calls
+    :func:`n2nsurgery.widen.widen` or :func:`n2nsurgery.deepen.deepen` with the step's arguments
+    and seed (:func:`step_seed`), then (unless verification is off) :func:`~n2nsurgery.commit.commit`
+    checks the new model against the previous one, outputs and the values inside. When there is
+    more than one step, the final student is also checked against the original `model`, so errors
+    that pass step by step cannot add up unnoticed. The first failure raises and writes nothing;
+    when every step passed, the final student is written to `out` (unless `dry_run`).
 
     Args:
         model: the teacher (:class:`~n2nsurgery.model.Model`); never modified.
@@ -370,6 +378,10 @@ def apply_recipe(
         verify: overrides the recipe's ``verify`` on/off.
         device: overrides the recipe's verification device (``auto``, ``cpu``, ``cuda``).
         on_step: called with each :class:`StepReport` as soon as its step passes (progress).
+        out: where to write the final student (None: nowhere; see :func:`~n2nsurgery.commit.commit`).
+        dry_run: check `out` and run every step, but write nothing.
+        outputs_only: verify the outputs only, not the values inside the models.
+        max_shard_size, overwrite_input, allow_nonfinite: as for :func:`~n2nsurgery.commit.commit`.
 
     Returns:
         ``(student, reports)``: the final model, whose ``history`` ends with one entry per step,
@@ -378,7 +390,8 @@ def apply_recipe(
 
     Raises:
         N2NError: a step cannot be done exactly (bad layer, refused widening, ...); the message
-            starts with the step, e.g. ``step 2 (widen conv2): ...``.
+            starts with the step, e.g. ``step 2 (widen conv2): ...``. Also: `out` or the teacher
+            is refused before the first step.
         VerificationFailed: a step's student (or the final one) is not the teacher's function.
 
     Example:
@@ -387,9 +400,12 @@ def apply_recipe(
         >>> [r.kind for r in reports]
         ['widen', 'widen', 'deepen']
     """
+    from .commit import commit, preflight
     from .diff import diff_models
-    from .surgery import check_noisy_widening, check_student, history_step
+    from .surgery import history_step
 
+    write = dict(max_shard_size=max_shard_size, overwrite_input=overwrite_input, extra_inputs=[recipe.source])
+    preflight(model, out, allow_nonfinite=allow_nonfinite, **write)  # refused before the steps run
     base_seed = recipe.seed if seed is None else seed
     checking = recipe.verify.enabled if verify is None else verify
     settings = recipe.verify
@@ -412,17 +428,12 @@ def apply_recipe(
             student.history = student.history + [history_step(step.kind, step.args, s)]  # a new list: never the teacher's
         # Say where the step came from, so the lineage reads back as one run of one recipe.
         student.history[-1] = dict(student.history[-1], command="apply", recipe=dict(recipe_ref, step=step.index))
-        result, deviation = None, None
         noise_free = getattr(surgery_report, "noise_free", None)
-        if checking and noise_free is not None:
-            result, deviation = check_noisy_widening(current, student, noise_free, probes=settings.probes, seed=s, device=dev,
-                                                     atol=settings.atol, rtol=settings.rtol, what=step.label)
-            noisy = True
-        elif checking:
-            result = check_student(
-                current, student, probes=settings.probes, seed=s, device=dev,
-                atol=settings.atol, rtol=settings.rtol, what=step.label,
-            )
+        # The original teacher's parameters were checked above; each step's teacher derives from it.
+        checked = commit(current, student, None, verify=checking, probes=settings.probes, seed=s, device=dev,
+                         atol=settings.atol, rtol=settings.rtol, outputs_only=outputs_only, noise_free=noise_free,
+                         what=step.label, allow_nonfinite=True)
+        noisy = noisy or (checking and noise_free is not None)
         rep = StepReport(
             index=step.index,
             kind=step.kind,
@@ -431,8 +442,8 @@ def apply_recipe(
             seed=s,
             changes=diff_models(current, student).to_dict(),
             report=surgery_report.to_dict() if hasattr(surgery_report, "to_dict") else surgery_report,
-            verification=result,
-            noise_deviation=deviation,
+            verification=checked.verification,
+            noise_deviation=checked.noise_deviation,
         )
         reports.append(rep)
         if on_step is not None:
@@ -440,7 +451,10 @@ def apply_recipe(
         current = student
 
     if checking and len(recipe.steps) > 1:
-        reports[-1].end_to_end, reports[-1].end_to_end_judged = _check_end_to_end(model, current, base_seed, settings, dev, noisy)
+        reports[-1].end_to_end, reports[-1].end_to_end_judged = _check_end_to_end(
+            model, current, base_seed, settings, dev, noisy, outputs_only)
+    # Verified above, step by step and end to end: the chain's last link is the write.
+    commit(model, current, out, verify=False, dry_run=dry_run, allow_nonfinite=allow_nonfinite, **write)
     return current, reports
 
 
@@ -448,21 +462,23 @@ def _tolerance_given(settings: VerifySettings) -> bool:
     return settings.atol is not None or settings.rtol is not None
 
 
-def _check_end_to_end(teacher, student, seed: int, settings: VerifySettings, device: str, noisy: bool):
+def _check_end_to_end(teacher, student, seed: int, settings: VerifySettings, device: str, noisy: bool,
+                      outputs_only: bool = False):
     """The final student against the original teacher, so errors cannot add up step by step.
 
     After a noisy step, with no tolerance in the recipe, the figure is measured and reported
-    but not judged (the noise was accepted step by step already). Returns (result, judged).
+    but not judged (the noise was accepted step by step already); after a noisy step only the
+    outputs are compared, since the noise moves the values inside by design. Returns (result, judged).
     """
     from .verify import verify as run_verify
 
-    result = run_verify(teacher, student, probes=settings.probes, seed=seed, device=device, atol=settings.atol, rtol=settings.rtol)
+    result = run_verify(teacher, student, probes=settings.probes, seed=seed, device=device, atol=settings.atol,
+                        rtol=settings.rtol, intermediates=not (noisy or outputs_only))
     judged = not noisy or _tolerance_given(settings)
     if judged and not result.passed:
-        worst = max(result.outputs, key=lambda o: o.max_abs / o.bound if o.bound else float("inf"))
+        reason = result.describe_failure("the original teacher", "the final student")
         raise VerificationFailed(
-            f"every step passed, but the final student differs from the original teacher: output {worst.name!r} "
-            f"differs by {worst.max_abs:.3g} (allowed {worst.bound:.3g}); nothing was written",
+            f"every step passed, but the final student differs from the original teacher: {reason}; nothing was written",
             result,
         )
     return result, judged

@@ -10,13 +10,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import N2NError
-from ..model import load_model, save_model
+from ..model import load_model
 from ..recipe import apply_recipe, load_recipe, result_dict
 from . import app
-from ..guards import check_finite, check_output, input_paths
 from .common import (
     AllowNonfiniteOpt, ArchOpt, CheckpointArg, DeviceChoice, JsonOpt, MaxShardSizeOpt, OutputOpt, OverwriteInputOpt,
-    check_json_target, command, console, emit_json,
+    check_json_target, command, console, emit_json, DryRunOpt, OutputsOnlyOpt, print_written, require_output,
 )
 
 
@@ -25,7 +24,7 @@ from .common import (
 def apply_cmd(
     checkpoint: CheckpointArg,
     recipe: Annotated[str, typer.Argument(help="Recipe YAML: seed, steps, verify; '-' reads standard input (then CKPT must be a file).", show_default=False)],
-    output: OutputOpt,
+    output: OutputOpt = None,
     arch: ArchOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Override the recipe's seed (steps that name their own seed keep it).", rich_help_panel="Randomness", show_default=False)] = None,
     device: Annotated[Optional[DeviceChoice], typer.Option("--device", help="Where to verify; overrides the recipe's verify.device (default auto: the GPU when present).", rich_help_panel="Verification", show_default=False)] = None,
@@ -34,17 +33,18 @@ def apply_cmd(
     max_shard_size: MaxShardSizeOpt = None,
     overwrite_input: OverwriteInputOpt = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
+    dry_run: DryRunOpt = False,
+    outputs_only: OutputsOnlyOpt = False,
 ):
     """Run a recipe: each step verified against the one before; the first failure stops the run and writes nothing."""
     check_json_target(json_out, output)
+    require_output(output, dry_run)
     if checkpoint == "-" and recipe == "-":
         raise N2NError("only one of CKPT and RECIPE can be '-' (standard input)")
-    if output == "-" and sys.stdout.isatty():  # say so before the work, not after it
+    if output == "-" and not dry_run and sys.stdout.isatty():  # say so before the work, not after it
         raise N2NError("refusing to write a binary checkpoint to a terminal: redirect it (-o - > file, or | n2n ...) or give -o FILE")
     rec = load_recipe(recipe)  # validate the recipe before reading a possibly large checkpoint
     teacher = load_model(checkpoint, arch)
-    check_output(output, input_paths(teacher) + [recipe], overwrite_input, folder=max_shard_size is not None)  # refused before the steps run
-    check_finite(teacher, allow_nonfinite)
 
     def progress(rep):
         if json_out:
@@ -52,23 +52,26 @@ def apply_cmd(
         err = f"max |Δ| {_error_text(rep)}" if rep.verification is not None else "not verified"
         console.print(f"step {rep.index}/{len(rec.steps)} {rep.kind} {escape(rep.target)}: {escape(rep.summary)} ({err})")
 
+    # The whole chain (output check, finiteness, steps, verification, write) is apply_recipe's.
     student, reports = apply_recipe(
-        teacher, rec, seed=seed, verify=verify, device=device.value if device is not None else None, on_step=progress
+        teacher, rec, seed=seed, verify=verify, device=device.value if device is not None else None, on_step=progress,
+        out=output, dry_run=dry_run, outputs_only=outputs_only, max_shard_size=max_shard_size,
+        overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite,
     )
-    save_model(student, output, max_shard_size=max_shard_size)
     end_to_end, judged = reports[-1].end_to_end, reports[-1].end_to_end_judged
     if json_out:
         emit_json({
             "recipe": rec.source,
             "seed": rec.seed if seed is None else seed,
             "output": output,
+            "dry_run": dry_run,
             "steps": [r.to_dict() for r in reports],
             "end_to_end": result_dict(end_to_end, judged),
             "parameters": {"before": teacher.parameter_count(), "after": student.parameter_count()},
         })
         return
     _print_summary(reports, end_to_end, judged, teacher, student)
-    console.print(f"wrote {escape(output if output != '-' else '<stdout>')}")
+    print_written(output, dry_run)
 
 
 def _print_summary(reports, end_to_end, judged, teacher, student) -> None:

@@ -53,7 +53,9 @@ ArchOpt = Annotated[
     Optional[str],
     typer.Option("--arch", help="Architecture YAML. Optional once the checkpoint has been through n2n (it carries its own); given both, this wins.", rich_help_panel="Model"),
 ]
-OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output checkpoint (a folder with --max-shard-size); '-' writes to standard output.", rich_help_panel="Output", show_default=False)]
+OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="Output checkpoint (a folder with --max-shard-size); '-' writes to standard output. Required unless --dry-run.", rich_help_panel="Output", show_default=False)]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Do the whole plan and the verification, print the report, write nothing (-o optional; if given, it is checked as for a real run).", rich_help_panel="Output")]
+OutputsOnlyOpt = Annotated[bool, typer.Option("--outputs-only", help="Compare the model outputs only, not every value inside the models that the surgery kept (same node name and shape).", rich_help_panel="Verification")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice: same seed, same bytes out.", rich_help_panel="Randomness")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where to verify: auto is the GPU when one is present.", rich_help_panel="Verification")]
 ProbesOpt = Annotated[int, typer.Option("--probes", min=1, help="Random probe samples per input.", rich_help_panel="Verification")]
@@ -174,6 +176,17 @@ def print_verify(result) -> None:
             f"{o.bound:.3g}",
             "[green]pass[/]" if o.passed else "[bold red]FAIL[/]",
         )
+    inner = getattr(result, "intermediates", None)
+    if inner is not None and inner.worst is not None:
+        w = inner.worst
+        table.add_row(
+            escape(f"worst of {inner.compared} inside: {w.name}"),
+            str(w.shape),
+            f"{w.max_abs:.3g}",
+            f"{w.max_rel:.3g}",
+            f"{w.bound:.3g}",
+            "[green]pass[/]" if w.passed else f"[bold red]FAIL[/] ({inner.failed})",
+        )
     console.print(table)
     verdict = "[green]equal[/] within" if result.passed else "[bold red]differ[/] beyond"
     console.print(
@@ -182,31 +195,38 @@ def print_verify(result) -> None:
     )
 
 
-def finish_surgery(teacher, student, report: dict, *, output: str, verify: bool, probes: int, seed: int,
+def report_verify_failure(result) -> None:
+    """`n2n verify` found a difference: a line saying where, when the table alone does not say
+    it plainly (non-finite outputs, a value inside the models)."""
+    if result.nonfinite_outputs or all(o.passed for o in result.outputs):
+        console.print(escape(result.describe_failure()))
+
+
+def finish_surgery(teacher, student, report: dict, *, output: Optional[str], verify: bool, probes: int, seed: int,
                    device: str, atol, rtol, json_out: bool, what: str, print_report=None, result=None,
                    max_shard_size: Optional[int] = None, overwrite_input: bool = False,
-                   allow_nonfinite: bool = False) -> None:
-    """Verify the student against the teacher (unless --no-verify), write it, and report.
+                   allow_nonfinite: bool = False, noise_free=None, dry_run: bool = False,
+                   outputs_only: bool = False) -> None:
+    """Run the safety chain (:func:`n2nsurgery.commit.commit`) on the student, then report.
 
     A student that fails verification is not written (exit 1). `report` is the surgery's own
     JSON-ready report; `print_report` renders it for humans on stderr. A caller that verified
-    already (widen with noise verifies the noise-free student) passes its `result`.
-    `max_shard_size` (from :data:`MaxShardSizeOpt`) writes a sharded checkpoint folder.
-    Before any of that, the output must not be an input (unless `overwrite_input`,
-    :data:`OverwriteInputOpt`), its folder must exist, and the teacher's parameters must be
-    finite (unless `allow_nonfinite`, :data:`AllowNonfiniteOpt`); see :mod:`n2nsurgery.guards`.
+    already passes its `result`; a widening with noise passes its `noise_free` twin, and the
+    noise's deviation joins the report. `dry_run` checks everything and writes nothing; `output`
+    may then be None. The other arguments are the options of the same names (see
+    :func:`~n2nsurgery.commit.commit`).
     """
-    from ..guards import check_finite, check_output, input_paths
-    from ..model import save_model
-    from ..surgery import check_student
+    from ..commit import commit
 
-    check_output(output, input_paths(teacher), overwrite_input, folder=max_shard_size is not None)
-    check_finite(teacher, allow_nonfinite)
-    if verify and result is None:
-        result = check_student(teacher, student, probes=probes, seed=seed, device=device, atol=atol, rtol=rtol, what=what)
-    save_model(student, output, max_shard_size=max_shard_size)
+    done = commit(teacher, student, output, verify=verify, probes=probes, seed=seed, device=device, atol=atol,
+                  rtol=rtol, outputs_only=outputs_only, noise_free=noise_free, result=result, what=what,
+                  dry_run=dry_run, max_shard_size=max_shard_size, overwrite_input=overwrite_input,
+                  allow_nonfinite=allow_nonfinite)
+    if done.noise_deviation is not None:
+        report["noise_deviation"] = done.noise_deviation
+    result = done.verification
     if json_out:
-        emit_json({**report, "output": output, "verification": result.to_dict() if result else None})
+        emit_json({**report, "output": output, "dry_run": dry_run, "verification": result.to_dict() if result else None})
         return
     if print_report is not None:
         print_report(report)
@@ -214,4 +234,29 @@ def finish_surgery(teacher, student, report: dict, *, output: str, verify: bool,
         print_verify(result)
     else:
         console.print("[yellow]not verified[/] (--no-verify)")
-    console.print(f"wrote {escape(output if output != '-' else '<stdout>')}")
+    print_written(output, dry_run)
+
+
+def print_written(output: Optional[str], dry_run: bool) -> None:
+    """The last line of a surgery's report: what was (or, on a dry run, would have been) written."""
+    where = None if output is None else escape(output if output != "-" else "<stdout>")
+    if not dry_run:
+        console.print(f"wrote {where}")
+    elif where is None:
+        console.print("dry run: nothing written")
+    else:
+        console.print(f"dry run: nothing written (would write {where})")
+
+
+def preflight_surgery(teacher, output: Optional[str], **checks) -> None:
+    """The chain's output and finiteness checks, run before the plan so a refusal comes before
+    the work (see :func:`n2nsurgery.commit.preflight`)."""
+    from ..commit import preflight
+
+    preflight(teacher, output, **checks)
+
+
+def require_output(output: Optional[str], dry_run: bool) -> None:
+    """-o is required unless --dry-run (then it is optional, and checked as for a real run)."""
+    if output is None and not dry_run:
+        raise N2NError("missing option -o/--output: give the file to write, or --dry-run to check everything and write nothing")

@@ -27,7 +27,11 @@ from .common import (
     RtolOpt,
     SeedOpt,
     VerifyOpt,
+    DryRunOpt,
+    OutputsOnlyOpt,
     check_json_target,
+    preflight_surgery,
+    require_output,
     command,
     console,
     finish_surgery,
@@ -49,7 +53,7 @@ _LAYER = "New layer"
 def deepen_cmd(
     checkpoint: CheckpointArg,
     after: Annotated[str, typer.Option("--after", help="Node (or float model input) the new layer follows; its consumers read the new layer instead.", rich_help_panel=_LAYER, show_default=False)],
-    output: OutputOpt,
+    output: OutputOpt = None,
     arch: ArchOpt = None,
     op: Annotated[OpChoice, typer.Option("--op", help="auto: linear for 1-D features, conv for [C, *spatial]; linear/conv: identity layer; residual: x + W2·φ(W1·x) with W2 = 0 (exact after any value).", rich_help_panel=_LAYER)] = OpChoice.auto,
     activation: Annotated[Optional[str], typer.Option("--activation", help="φ after the new layer: relu, relu6, leaky_relu, sigmoid, tanh, silu, gelu or none. Default: the activation of --after when it is one (else none); relu inside a residual branch.", rich_help_panel=_LAYER, show_default=False)] = None,
@@ -67,13 +71,17 @@ def deepen_cmd(
     max_shard_size: MaxShardSizeOpt = None,
     overwrite_input: OverwriteInputOpt = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
+    dry_run: DryRunOpt = False,
+    outputs_only: OutputsOnlyOpt = False,
 ):
     """Net2DeeperNet: insert a new layer after --after, initialised so the function is unchanged.
 
     An identity layer followed by an activation φ is inserted only where φ(v) = v for every value --after can produce (relu after a relu, for instance); anything else is refused with the alternative that would work.
     """
     check_json_target(json_out, output)
+    require_output(output, dry_run)
     teacher = load_model(checkpoint, arch)
+    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
     student, report = deepen(
         teacher,
         after,
@@ -102,6 +110,8 @@ def deepen_cmd(
         max_shard_size=max_shard_size,
         overwrite_input=overwrite_input,
         allow_nonfinite=allow_nonfinite,
+        dry_run=dry_run,
+        outputs_only=outputs_only,
     )
 
 

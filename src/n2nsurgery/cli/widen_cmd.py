@@ -10,12 +10,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..model import load_model
-from ..surgery import check_noisy_widening
 from ..widen import widen
 from . import app
 from .common import (
     AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, MaxShardSizeOpt, OutputOpt,
     OverwriteInputOpt, ProbesOpt, RtolOpt, SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
+    DryRunOpt, OutputsOnlyOpt, preflight_surgery, require_output,
 )
 
 
@@ -53,7 +53,7 @@ def widen_cmd(
     checkpoint: CheckpointArg,
     layer: Annotated[str, typer.Option("--layer", help="The linear or conv node to widen.", show_default=False, rich_help_panel="Widening")],
     width: Annotated[int, typer.Option("--width", help="Its new number of output units (larger than now).", show_default=False, rich_help_panel="Widening")],
-    output: OutputOpt,
+    output: OutputOpt = None,
     arch: ArchOpt = None,
     split: Annotated[Split, typer.Option("--split", help="equal: replicas share outgoing weights equally (the paper); random: random proportions summing to one (exact, breaks symmetry).", rich_help_panel="Widening")] = Split.equal,
     noise: Annotated[float, typer.Option("--noise", min=0.0, help="The paper's noise (σ relative to each tensor's std) on new replicas only; not exact: the deviation is reported.", rich_help_panel="Widening")] = 0.0,
@@ -67,19 +67,17 @@ def widen_cmd(
     max_shard_size: MaxShardSizeOpt = None,
     overwrite_input: OverwriteInputOpt = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
+    dry_run: DryRunOpt = False,
+    outputs_only: OutputsOnlyOpt = False,
 ):
     """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
     check_json_target(json_out, output)
+    require_output(output, dry_run)
     teacher = load_model(checkpoint, arch)
+    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
     student, report = widen(teacher, layer, width, split=split.value, noise=noise, seed=seed)
-    info = report.to_dict()
-    result = None
-    if report.noise_free is not None and verify:
-        result, info["noise_deviation"] = check_noisy_widening(
-            teacher, student, report.noise_free, probes=probes, seed=seed, device=device.value, atol=atol, rtol=rtol,
-            what=f"widening {layer!r}",
-        )
-    finish_surgery(teacher, student, info, output=output, verify=verify, probes=probes, seed=seed,
+    finish_surgery(teacher, student, report.to_dict(), output=output, verify=verify, probes=probes, seed=seed,
                    device=device.value, atol=atol, rtol=rtol, json_out=json_out, what=f"widening {layer!r}",
-                   print_report=print_widen_report, result=result, max_shard_size=max_shard_size,
-                   overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite)
+                   print_report=print_widen_report, noise_free=report.noise_free, max_shard_size=max_shard_size,
+                   overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, dry_run=dry_run,
+                   outputs_only=outputs_only)
