@@ -10,10 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import N2NError
-from ..model import load_model, save_model
 from ..recipe import apply_recipe, load_recipe, result_dict
 from . import app
-from ..guards import check_finite, check_output, input_paths
 from .common import (
     AllowNonfiniteOpt, ArchOpt, CheckpointArg, DeviceChoice, JsonOpt, MaxShardSizeOpt, OutputOpt, OverwriteInputOpt,
     check_json_target, command, console, emit_json,
@@ -36,6 +34,9 @@ def apply_cmd(
     allow_nonfinite: AllowNonfiniteOpt = False,
 ):
     """Run a recipe: each step verified against the one before; the first failure stops the run and writes nothing."""
+    from ..guards import check_finite, check_output, input_paths  # torch: only once a command runs
+    from ..model import load_model, save_model
+
     check_json_target(json_out, output)
     if checkpoint == "-" and recipe == "-":
         raise N2NError("only one of CKPT and RECIPE can be '-' (standard input)")

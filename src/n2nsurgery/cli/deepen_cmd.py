@@ -9,8 +9,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..deepen import deepen
-from ..model import load_model
 from . import app
 from .common import (
     AllowNonfiniteOpt,
@@ -72,6 +70,9 @@ def deepen_cmd(
 
     An identity layer followed by an activation φ is inserted only where φ(v) = v for every value --after can produce (relu after a relu, for instance); anything else is refused with the alternative that would work.
     """
+    from ..deepen import deepen  # torch: only once a command runs
+    from ..model import load_model
+
     check_json_target(json_out, output)
     teacher = load_model(checkpoint, arch)
     student, report = deepen(

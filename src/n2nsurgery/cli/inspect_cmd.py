@@ -5,8 +5,6 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from .. import inspect as inspect_mod
-from ..model import load_model
 from . import app
 from .common import ArchOpt, CheckpointArg, JsonOpt, command, console, emit_json
 
@@ -19,6 +17,9 @@ def _shape(s) -> str:
 @command
 def inspect_cmd(checkpoint: CheckpointArg, arch: ArchOpt = None, json_out: JsonOpt = False):
     """Show every node: op, inputs, output shape, parameter shapes and counts."""
+    from .. import inspect as inspect_mod  # torch: only once a command runs
+    from ..model import load_model
+
     model = load_model(checkpoint, arch)
     info = inspect_mod.describe(model)
     if json_out:

@@ -6,8 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ..guards import check_finite
-from ..verify import verify
 from . import app
 from .common import (
     AllowNonfiniteOpt, ArchAOpt, ArchBOpt, ArchBothOpt, AtolOpt, DeviceChoice, DeviceOpt, JsonOpt, ProbesOpt, RtolOpt,
@@ -32,6 +30,9 @@ def verify_cmd(
     allow_nonfinite: AllowNonfiniteOpt = False,
 ):
     """Run A and B on the same random probes; exit 0 when every output agrees within tolerance, 1 when not."""
+    from ..guards import check_finite  # torch: only once a command runs
+    from ..verify import verify
+
     model_a, model_b = load_pair(a, b, arch_a, arch_b, arch)
     check_finite(model_a, allow_nonfinite)  # NaN in both would "match" and pass
     check_finite(model_b, allow_nonfinite)

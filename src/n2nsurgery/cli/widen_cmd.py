@@ -9,9 +9,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..model import load_model
-from ..surgery import check_noisy_widening
-from ..widen import widen
 from . import app
 from .common import (
     AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, MaxShardSizeOpt, OutputOpt,
@@ -69,6 +66,10 @@ def widen_cmd(
     allow_nonfinite: AllowNonfiniteOpt = False,
 ):
     """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
+    from ..model import load_model  # torch: only once a command runs
+    from ..surgery import check_noisy_widening
+    from ..widen import widen
+
     check_json_target(json_out, output)
     teacher = load_model(checkpoint, arch)
     student, report = widen(teacher, layer, width, split=split.value, noise=noise, seed=seed)
