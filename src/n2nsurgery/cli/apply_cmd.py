@@ -6,14 +6,14 @@ import sys
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import N2NError
 from ..recipe import apply_recipe, load_recipe, result_dict
 from . import app
+from .common import escape  # rich's escape, and control characters in names made visible
 from .common import (
-    AllowNonfiniteOpt, ArchOpt, CheckpointArg, DeviceChoice, JsonOpt, MaxShardSizeOpt, OutputOpt, OverwriteInputOpt,
+AllowNonfiniteOpt, ArchOpt, CheckpointArg, DeviceChoice, JsonOpt, MaxShardSizeOpt, OutputOpt, OverwriteInputOpt,
     check_json_target, command, console, emit_json,
 )
 

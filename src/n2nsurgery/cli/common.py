@@ -12,14 +12,65 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from ..errors import N2NError, VerificationFailed
+from ..errors import N2NError, VerificationFailed, has_unprintable, printable
+from .group import INTERRUPTED, say
+
+
+class _Stderr:
+    """``sys.stderr`` as it is at each write (tests swap it), for rich; failed writes are dropped.
+
+    Reports and tables are for people: a closed or full stderr (``2>&-``, ``2>/dev/full``) loses
+    them but must not turn a finished surgery into a failure.
+    """
+
+    def write(self, text: str) -> int:
+        try:
+            sys.stderr.write(text)
+        except (AttributeError, OSError, ValueError):
+            pass
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()  # rich asks for the terminal size; it handles the failure
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stderr, "encoding", None) or "utf-8"
+
+
+def make_console(**kwargs) -> Console:
+    """A rich console on stderr. Under NO_COLOR (any non-empty value, no-color.org) it writes no
+    escape sequence at all: rich on its own drops only the colours and keeps bold and italic."""
+    plain = {"color_system": None} if os.environ.get("NO_COLOR") else {}
+    return Console(file=_Stderr(), **plain, **kwargs)
+
 
 # Human output goes to stderr; stdout is for --json and for checkpoints written to '-'.
 # Piped or captured stderr gets a wide fixed width, so tables in CI logs are not squeezed to 80.
-console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+console = make_console(highlight=False, width=None if _Stderr().isatty() else 160)
+
+
+def escape(text) -> str:
+    """A name or path for rich output: control characters made visible (see
+    :func:`~n2nsurgery.errors.printable`), then rich markup escaped. Every command module uses
+    this one, not rich's own ``escape``, so no name from a file or argv reaches the terminal raw.
+    """
+    return escape_markup(printable(text))
 
 
 class State:
@@ -129,12 +180,12 @@ def command(fn):
             finally:
                 os._exit(1)
         except KeyboardInterrupt:
-            sys.stderr.write("interrupted; nothing was written\n")
+            say(INTERRUPTED)
             raise typer.Exit(130)
         except Exception as e:  # a bug in this tool: say so plainly
             if state.debug:
                 raise
-            sys.stderr.write(f"internal error: {type(e).__name__}: {e} (run with n2n --debug ... for a traceback, and please report it)\n")
+            say(printable(f"internal error: {type(e).__name__}: {e} (run with n2n --debug ... for a traceback, and please report it)"))
             raise typer.Exit(3)
 
     return wrapper
@@ -142,8 +193,8 @@ def command(fn):
 
 def fail(e: N2NError):
     if state.debug:
-        traceback.print_exc()
-    sys.stderr.write(f"error: {e}\n")
+        say(traceback.format_exc().rstrip("\n"))
+    say(f"error: {printable(e)}")  # messages quote names from files and argv
     raise typer.Exit(e.exit_code)
 
 

@@ -6,10 +6,10 @@ from enum import Enum
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from . import app
+from .common import escape  # rich's escape, and control characters in names made visible
 from .common import (
     AllowNonfiniteOpt,
     ArchOpt,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from rich.markup import escape
 from rich.table import Table
 
 from . import app
+from .common import escape  # rich's escape, and control characters in names made visible
 from .common import ArchOpt, CheckpointArg, JsonOpt, command, console, emit_json
 
 

@@ -6,12 +6,12 @@ from enum import Enum
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from . import app
+from .common import escape  # rich's escape, and control characters in names made visible
 from .common import (
-    AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, MaxShardSizeOpt, OutputOpt,
+AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, MaxShardSizeOpt, OutputOpt,
     OverwriteInputOpt, ProbesOpt, RtolOpt, SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
 )
 
