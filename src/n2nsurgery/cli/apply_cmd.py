@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import N2NError
-from ..recipe import apply_recipe, load_recipe, result_dict
+from ..recipe import SEED_LIMIT, apply_recipe, load_recipe, result_dict
 from . import app
 from .common import escape  # rich's escape, and control characters in names made visible
 from .common import (
@@ -25,7 +25,7 @@ def apply_cmd(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML: seed, steps, verify; '-' reads standard input (then CKPT must be a file).", show_default=False)],
     output: OutputOpt,
     arch: ArchOpt = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Override the recipe's seed (steps that name their own seed keep it).", rich_help_panel="Randomness", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=SEED_LIMIT - 1, help="Override the recipe's seed (steps that name their own seed keep it).", rich_help_panel="Randomness", show_default=False)] = None,
     device: Annotated[Optional[DeviceChoice], typer.Option("--device", help="Where to verify; overrides the recipe's verify.device (default auto: the GPU when present).", rich_help_panel="Verification", show_default=False)] = None,
     verify: Annotated[Optional[bool], typer.Option("--verify/--no-verify", help="Check every step (overrides the recipe's verify: true/false).", rich_help_panel="Verification", show_default=False)] = None,
     json_out: JsonOpt = False,

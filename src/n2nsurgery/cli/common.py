@@ -16,6 +16,7 @@ from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from ..errors import N2NError, VerificationFailed, has_unprintable, printable
+from ..recipe import SEED_LIMIT
 from .group import INTERRUPTED, say
 
 
@@ -105,7 +106,7 @@ ArchOpt = Annotated[
     typer.Option("--arch", help="Architecture YAML. Optional once the checkpoint has been through n2n (it carries its own); given both, this wins.", rich_help_panel="Model"),
 ]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output checkpoint (a folder with --max-shard-size); '-' writes to standard output.", rich_help_panel="Output", show_default=False)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice: same seed, same bytes out.", rich_help_panel="Randomness")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_LIMIT - 1, help="Seed for every random choice: same seed, same bytes out.", rich_help_panel="Randomness")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where to verify: auto is the GPU when one is present.", rich_help_panel="Verification")]
 ProbesOpt = Annotated[int, typer.Option("--probes", min=1, help="Random probe samples per input.", rich_help_panel="Verification")]
 AtolOpt = Annotated[Optional[float], typer.Option("--atol", min=0.0, help="Absolute tolerance (default by dtype: float32 1e-5).", rich_help_panel="Verification", show_default=False)]
@@ -196,6 +197,19 @@ def fail(e: N2NError):
         say(traceback.format_exc().rstrip("\n"))
     say(f"error: {printable(e)}")  # messages quote names from files and argv
     raise typer.Exit(e.exit_code)
+
+
+def check_new_name(option: str, name: Optional[str]) -> None:
+    """A node name the tool will write (``--name``): printable text, or refused (exit 2).
+
+    A name with control characters or undecodable bytes (argv that is not UTF-8 arrives as
+    surrogate escapes) could not be shown safely nor written to YAML and safetensors metadata.
+    """
+    if name is not None and has_unprintable(name):
+        raise N2NError(
+            f"{option} '{printable(name)}': a new node's name cannot hold control characters or bytes that are "
+            "not UTF-8; choose a name of printable characters"
+        )
 
 
 def check_json_target(json_out: bool, output: Optional[str]) -> None:

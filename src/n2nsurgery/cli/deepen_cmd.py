@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import escape  # rich's escape, and control characters in names made visible
+from .common import check_new_name, escape  # escape: rich's, and control characters in names made visible
 from .common import (
     AllowNonfiniteOpt,
     ArchOpt,
@@ -74,6 +74,7 @@ def deepen_cmd(
     from ..model import load_model
 
     check_json_target(json_out, output)
+    check_new_name("--name", name)
     teacher = load_model(checkpoint, arch)
     student, report = deepen(
         teacher,
