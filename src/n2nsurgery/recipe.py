@@ -220,8 +220,10 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             fail(f"unknown top-level key {k!r}{did_you_mean(str(k), _TOP_KEYS)} (keys: {', '.join(_TOP_KEYS)})")
 
     seed = doc.get("seed", 0)
-    if not _is_seed(seed):
-        fail(f"seed must be {_SEED_RANGE}, got {seed!r}")
+    if not _is_int(seed) or seed < 0:
+        fail(f"seed must be an integer >= 0, got {seed!r}")
+    if seed >= SEED_LIMIT:
+        fail(f"seed must be below 2**63 (a 64-bit signed integer), got {seed!r}")
     description = doc.get("description")
     if description is not None and not isinstance(description, str):
         fail(f"description must be a string, got {description!r}")
