@@ -107,6 +107,18 @@ def test_ctrl_c_during_start_up_is_one_line(module, argv):
     assert r.stderr == "interrupted; nothing was written\n"
 
 
+def test_ctrl_c_while_options_are_parsed_is_one_line(runner, monkeypatch):
+    from typer.core import TyperCommand
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TyperCommand, "parse_args", interrupted)
+    result = runner.invoke(app, ["inspect", MLP_CKPT])
+    assert result.exit_code == 130
+    assert result.stderr == "interrupted; nothing was written\n"
+
+
 # ------------------------------------------------------------------------ usage errors
 
 

@@ -13,7 +13,7 @@ import errno
 import os
 import sys
 
-from typer import _click
+from typer import Abort, Exit, _click
 from typer.core import TyperGroup
 
 from ..errors import printable
@@ -65,6 +65,15 @@ class N2NGroup(TyperGroup):
         for cmd in self.commands.values():
             cmd.params.extend(flags)
 
+    def invoke(self, ctx):
+        """Ctrl-C while Click parses a command's options: one line, as in the command itself
+        (Typer would exit 130 silently)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            say(INTERRUPTED)
+            raise Exit(130) from None
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Run a command; usage errors are one line on stderr (exit 2), Ctrl-C one line (130)."""
         _plain_help_without_color()
@@ -76,7 +85,7 @@ class N2NGroup(TyperGroup):
         except _click.ClickException as e:
             say(usage_line(e))
             code = e.exit_code
-        except _click.exceptions.Abort:  # Ctrl-C or end of input while Click was parsing
+        except Abort:  # Ctrl-C or end of input while Click was parsing
             say(INTERRUPTED)
             code = 130
         except OSError as e:

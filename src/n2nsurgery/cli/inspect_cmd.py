@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from rich import box
+from rich.cells import cell_len
 from rich.table import Table
 from rich.text import Text
 
@@ -83,8 +84,8 @@ def _fit(columns: list, rows: list, width: int) -> Optional[list]:
     lacks of its full width; None when even that does not fit. Rich's own squeezing ignores
     words, so it is left only the hopeless case."""
     texts = [[col] + [Text.from_markup(row[i]).plain for row in rows] for i, col in enumerate(columns)]
-    full = [max(len(t) for t in col) for col in texts]
-    word = [max((len(w) for t in col for w in t.split()), default=1) for col in texts]
+    full = [max(cell_len(t) for t in col) for col in texts]
+    word = [max((cell_len(w) for t in col for w in t.split()), default=1) for col in texts]
     need = [f if c in _NO_WRAP else w for c, f, w in zip(columns, full, word)]
     spare = width - (len(columns) - 1) - sum(need)  # (one space between columns)
     if spare < 0:
@@ -137,6 +138,6 @@ def _print_history(history: list) -> None:
             verified = f"{verdict} {err} ({v.get('probes')} probes, {v.get('device')})"
         else:
             verified = "not verified"
-        table.add_row(str(i), escape(str(step.get("op", "?"))), escape(args_text), str(step.get("seed", "")),
+        table.add_row(str(i), escape(str(step.get("op", "?"))), escape(args_text), escape(str(step.get("seed", ""))),
                       escape(str(via)), escape(str(step.get("version", ""))), escape(verified))
     console.print(table)
