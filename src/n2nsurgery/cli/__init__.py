@@ -11,8 +11,9 @@ import os
 import sys
 
 
-def _interrupted_while_starting() -> None:
-    """Ctrl-C while Python is still importing the CLI: the same one line as later, exit 130."""
+def _interrupted() -> None:
+    """Ctrl-C outside any command's own handler (while Python imports the CLI, say): the same
+    one line as in a command (:data:`.group.INTERRUPTED`, not importable yet), exit 130."""
     try:
         sys.stderr.write("interrupted; nothing was written\n")
         sys.stderr.flush()
@@ -30,7 +31,7 @@ try:
     from .. import __version__
     from .group import N2NGroup
 except KeyboardInterrupt:
-    _interrupted_while_starting()
+    _interrupted()
 
 app = typer.Typer(
     name="n2n",
@@ -66,7 +67,7 @@ try:
     from . import apply_cmd, diff_cmd  # noqa: E402,F401
     from . import deepen_cmd  # noqa: E402,F401
 except KeyboardInterrupt:
-    _interrupted_while_starting()
+    _interrupted()
 
 
 def _return_freed_memory() -> None:
@@ -96,7 +97,7 @@ def main() -> None:
     except SystemExit as e:
         code = e.code
     except KeyboardInterrupt:  # between Click's own handlers (rare, but never a traceback)
-        _interrupted_while_starting()
+        _interrupted()
     _exit_now(code)
 
 

@@ -47,7 +47,7 @@ class _Stderr:
             return False
 
     def fileno(self) -> int:
-        return sys.stderr.fileno()  # rich asks for the terminal size; it handles the failure
+        return sys.stderr.fileno()  # (rich asks only on Windows, and tolerates a failure)
 
     @property
     def encoding(self) -> str:

@@ -118,7 +118,7 @@ def _print_history(history: list) -> None:
     """The checkpoint's lineage (n2n.history): one row per surgery step ever applied, oldest first."""
     table = Table(title="history (n2n.history)", title_justify="left")
     for col in ("#", "op", "arguments", "seed", "via", "version", "verified: max |Δ|"):
-        table.add_column(col, justify="right" if col in ("#", "seed") else "left", overflow="fold")
+        table.add_column(col, justify="right" if col in ("#", "seed") else "left", overflow="fold", no_wrap=col in ("#", "op", "seed"))
     for i, step in enumerate(history, 1):
         if not isinstance(step, dict):  # written by something else: show it, do not fail
             table.add_row(str(i), "?", escape(str(step)), "", "", "", "")
