@@ -42,6 +42,10 @@ def __getattr__(name: str):
     return value
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 class _Package(types.ModuleType):
     """This package, keeping ``n2nsurgery.verify`` the function as it always was.
 
@@ -58,10 +62,6 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
