@@ -147,12 +147,12 @@ def test_dry_run_still_fails_verification(runner, tmp_path, monkeypatch):
     """A dry run is a real run minus the write: a student that fails verification exits 1."""
     from test_verify_strict import _quiet_teacher, _wrong_widening
 
-    import n2nsurgery.cli.widen_cmd as widen_cmd
+    import n2nsurgery.widen as widen_module  # the command imports widen() when it runs
     from n2nsurgery.model import save_model
 
     ckpt = tmp_path / "quiet.safetensors"
     save_model(_quiet_teacher(), str(ckpt))
-    monkeypatch.setattr(widen_cmd, "widen", lambda teacher, *a, **k: (_wrong_widening(teacher), widen(teacher, "fc1", 5)[1]))
+    monkeypatch.setattr(widen_module, "widen", lambda teacher, *a, **k: (_wrong_widening(teacher), widen(teacher, "fc1", 5)[1]))
     result = runner.invoke(app, ["widen", str(ckpt), "--layer", "fc1", "--width", "5", "--dry-run", "--device", "cpu"])
     assert result.exit_code == 1, result.output
     assert "error: widening 'fc1' is not function-preserving: the outputs agree, but the value of node 'fc2'" in result.stderr

@@ -11,11 +11,60 @@ The Python API mirrors the CLI::
 
 __version__ = "0.1.0"
 
-from .commit import CommitResult, commit  # noqa: E402
-from .arch import Architecture, load_architecture, parse_architecture  # noqa: E402
-from .errors import N2NError, VerificationFailed  # noqa: E402
-from .model import Model, load_model, model_from_state_dict, save_model  # noqa: E402
-from .verify import VerifyResult, verify  # noqa: E402
+import importlib
+import sys
+import types
+
+from .errors import N2NError, VerificationFailed
+
+# The API's names, each with the module that defines it. They are imported on first use
+# (PEP 562), not here: importing torch takes about a second, and `n2n --help`, `n2n --version`
+# and usage errors import this package without needing torch at all.
+_LAZY = {
+    "CommitResult": "commit",
+    "commit": "commit",
+    "Architecture": "arch",
+    "load_architecture": "arch",
+    "parse_architecture": "arch",
+    "Model": "model",
+    "load_model": "model",
+    "model_from_state_dict": "model",
+    "save_model": "model",
+    "VerifyResult": "verify",
+    "verify": "verify",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """This package, keeping ``n2nsurgery.verify`` the function as it always was.
+
+    Importing a submodule sets it as an attribute of its package, so the first
+    ``import n2nsurgery.verify`` (by the CLI, or by :func:`verify` itself) would replace the
+    function with the module of the same name. Eager imports rebound the function afterwards;
+    here the module is simply not bound (it stays in ``sys.modules``).
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "Architecture",

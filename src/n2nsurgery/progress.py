@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Iterator, Optional
 
@@ -38,7 +39,9 @@ def _stderr_is_terminal() -> bool:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    # NO_COLOR (any non-empty value): rich alone would still write bold and italic
+    plain = {"color_system": None} if os.environ.get("NO_COLOR") else {}
+    return Console(stderr=True, **plain)
 
 
 class Bar:
@@ -72,6 +75,9 @@ class Bar:
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
+        from rich.markup import escape
+
+        from .errors import printable
 
         if self.unit == "bytes":
             columns = [DownloadColumn(binary_units=True), TransferSpeedColumn()]
@@ -82,7 +88,9 @@ class Bar:
             console=_console(), transient=True,
         )
         self._progress.start()
-        self._task = self._progress.add_task(self.description, total=self.total, completed=self.done)
+        # the description names files: control characters made visible, and no rich markup
+        description = escape(printable(self.description))
+        self._task = self._progress.add_task(description, total=self.total, completed=self.done)
 
     def advance(self, n: int = 1) -> None:
         self.done += n

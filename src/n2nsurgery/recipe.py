@@ -222,6 +222,8 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     seed = doc.get("seed", 0)
     if not _is_int(seed) or seed < 0:
         fail(f"seed must be an integer >= 0, got {seed!r}")
+    if seed >= SEED_LIMIT:
+        fail(f"seed must be below 2**63 (a 64-bit signed integer), got {seed!r}")
     description = doc.get("description")
     if description is not None and not isinstance(description, str):
         fail(f"description must be a string, got {description!r}")
@@ -239,6 +241,14 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         source=source,
         sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )
+
+
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < SEED_LIMIT, as torch's generators take them (a signed 64-bit int)
+_SEED_RANGE = "an integer from 0 to 2**63 - 1"
+
+
+def _is_seed(v) -> bool:
+    return _is_int(v) and 0 <= v < SEED_LIMIT
 
 
 def _is_int(v) -> bool:
@@ -296,7 +306,7 @@ _STEP_KEYS = {
         "width": (_positive_int, "an integer > 0"),
         "split": (lambda v: v in _SPLITS, "one of " + ", ".join(_SPLITS)),
         "noise": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-        "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "seed": (_is_seed, _SEED_RANGE),
     },
     "deepen": {
         "after": (_name, "a node name"),
@@ -306,7 +316,7 @@ _STEP_KEYS = {
         "batchnorm": (lambda v: isinstance(v, bool), "true or false"),
         "hidden": (lambda v: v is None or _positive_int(v), "an integer > 0"),
         "name": (_name, "a node name"),
-        "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "seed": (_is_seed, _SEED_RANGE),
     },
 }
 _REQUIRED = {"widen": ("layer", "width"), "deepen": ("after",)}

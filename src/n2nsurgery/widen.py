@@ -313,7 +313,8 @@ def _apply(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key: str) 
         # The paper's symmetry-breaking noise on the new replicas' incoming weights only (original
         # units stay exactly the teacher's), relative to the tensor's spread. One generator per
         # tensor, from the seed and the key, so the noise does not depend on evaluation order.
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        # (mod 2**64: a generator takes at most 64 bits; small seeds derive what they always did)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**64)
         for dim, (umap, kind, _) in sorted(dims.items()):
             if kind == "rows" and bool(umap.new.any()) and out.dim() > 1:
                 scale = float(tensor.to(work).std()) if tensor.numel() > 1 else 0.0

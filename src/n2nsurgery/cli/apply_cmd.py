@@ -6,13 +6,12 @@ import sys
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import N2NError
-from ..model import load_model
-from ..recipe import apply_recipe, load_recipe, result_dict
+from ..recipe import SEED_LIMIT, apply_recipe, load_recipe, result_dict
 from . import app
+from .common import escape  # rich's escape, and control characters in names made visible
 from .common import (
     AllowNonfiniteOpt, ArchOpt, CheckpointArg, DeviceChoice, JsonOpt, MaxShardSizeOpt, OutputOpt, OverwriteInputOpt,
     check_json_target, command, console, emit_json, DryRunOpt, OutputsOnlyOpt, print_written, require_output,
@@ -26,7 +25,7 @@ def apply_cmd(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML: seed, steps, verify; '-' reads standard input (then CKPT must be a file).", show_default=False)],
     output: OutputOpt = None,
     arch: ArchOpt = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Override the recipe's seed (steps that name their own seed keep it).", rich_help_panel="Randomness", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=SEED_LIMIT - 1, help="Override the recipe's seed (steps that name their own seed keep it).", rich_help_panel="Randomness", show_default=False)] = None,
     device: Annotated[Optional[DeviceChoice], typer.Option("--device", help="Where to verify; overrides the recipe's verify.device (default auto: the GPU when present).", rich_help_panel="Verification", show_default=False)] = None,
     verify: Annotated[Optional[bool], typer.Option("--verify/--no-verify", help="Check every step (overrides the recipe's verify: true/false).", rich_help_panel="Verification", show_default=False)] = None,
     json_out: JsonOpt = False,
@@ -37,6 +36,8 @@ def apply_cmd(
     outputs_only: OutputsOnlyOpt = False,
 ):
     """Run a recipe: each step verified against the one before; the first failure stops the run and writes nothing."""
+    from ..model import load_model  # torch: only once a command runs
+
     check_json_target(json_out, output)
     require_output(output, dry_run)
     if checkpoint == "-" and recipe == "-":

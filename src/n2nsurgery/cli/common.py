@@ -12,14 +12,66 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from ..errors import N2NError, VerificationFailed
+from ..errors import N2NError, VerificationFailed, has_unprintable, printable
+from ..recipe import SEED_LIMIT
+from .group import INTERRUPTED, say
+
+
+class _Stderr:
+    """``sys.stderr`` as it is at each write (tests swap it), for rich; failed writes are dropped.
+
+    Reports and tables are for people: a closed or full stderr (``2>&-``, ``2>/dev/full``) loses
+    them but must not turn a finished surgery into a failure.
+    """
+
+    def write(self, text: str) -> int:
+        try:
+            sys.stderr.write(text)
+        except (AttributeError, OSError, ValueError):
+            pass
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()  # (rich asks only on Windows, and tolerates a failure)
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stderr, "encoding", None) or "utf-8"
+
+
+def make_console(**kwargs) -> Console:
+    """A rich console on stderr. Under NO_COLOR (any non-empty value, no-color.org) it writes no
+    escape sequence at all: rich on its own drops only the colours and keeps bold and italic."""
+    plain = {"color_system": None} if os.environ.get("NO_COLOR") else {}
+    return Console(file=_Stderr(), **plain, **kwargs)
+
 
 # Human output goes to stderr; stdout is for --json and for checkpoints written to '-'.
 # Piped or captured stderr gets a wide fixed width, so tables in CI logs are not squeezed to 80.
-console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+console = make_console(highlight=False, width=None if _Stderr().isatty() else 160)
+
+
+def escape(text) -> str:
+    """A name or path for rich output: control characters made visible (see
+    :func:`~n2nsurgery.errors.printable`), then rich markup escaped. Every command module uses
+    this one, not rich's own ``escape``, so no name from a file or argv reaches the terminal raw.
+    """
+    return escape_markup(printable(text))
 
 
 class State:
@@ -56,7 +108,7 @@ ArchOpt = Annotated[
 OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="Output checkpoint (a folder with --max-shard-size); '-' writes to standard output. Required unless --dry-run.", rich_help_panel="Output", show_default=False)]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Do the whole plan and the verification, print the report, write nothing (-o optional; if given, it is checked as for a real run).", rich_help_panel="Output")]
 OutputsOnlyOpt = Annotated[bool, typer.Option("--outputs-only", help="Compare the model outputs only, not every value inside the models that the surgery kept (same node name and shape).", rich_help_panel="Verification")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice: same seed, same bytes out.", rich_help_panel="Randomness")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_LIMIT - 1, help="Seed for every random choice: same seed, same bytes out.", rich_help_panel="Randomness")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where to verify: auto is the GPU when one is present.", rich_help_panel="Verification")]
 ProbesOpt = Annotated[int, typer.Option("--probes", min=1, help="Random probe samples per input.", rich_help_panel="Verification")]
 AtolOpt = Annotated[Optional[float], typer.Option("--atol", min=0.0, help="Absolute tolerance (default by dtype: float32 1e-5).", rich_help_panel="Verification", show_default=False)]
@@ -131,12 +183,12 @@ def command(fn):
             finally:
                 os._exit(1)
         except KeyboardInterrupt:
-            sys.stderr.write("interrupted; nothing was written\n")
+            say(INTERRUPTED)
             raise typer.Exit(130)
         except Exception as e:  # a bug in this tool: say so plainly
             if state.debug:
                 raise
-            sys.stderr.write(f"internal error: {type(e).__name__}: {e} (run with n2n --debug ... for a traceback, and please report it)\n")
+            say(printable(f"internal error: {type(e).__name__}: {e} (run with n2n --debug ... for a traceback, and please report it)"))
             raise typer.Exit(3)
 
     return wrapper
@@ -144,9 +196,22 @@ def command(fn):
 
 def fail(e: N2NError):
     if state.debug:
-        traceback.print_exc()
-    sys.stderr.write(f"error: {e}\n")
+        say(traceback.format_exc().rstrip("\n"))
+    say(f"error: {printable(e)}")  # messages quote names from files and argv
     raise typer.Exit(e.exit_code)
+
+
+def check_new_name(option: str, name: Optional[str]) -> None:
+    """A node name the tool will write (``--name``): printable text, or refused (exit 2).
+
+    A name with control characters or undecodable bytes (argv that is not UTF-8 arrives as
+    surrogate escapes) could not be shown safely nor written to YAML and safetensors metadata.
+    """
+    if name is not None and has_unprintable(name):
+        raise N2NError(
+            f"{option} '{printable(name)}': a new node's name cannot hold control characters or bytes that are "
+            "not UTF-8; choose a name of printable characters"
+        )
 
 
 def check_json_target(json_out: bool, output: Optional[str]) -> None:

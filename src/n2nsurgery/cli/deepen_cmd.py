@@ -6,12 +6,10 @@ from enum import Enum
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from ..deepen import deepen
-from ..model import load_model
 from . import app
+from .common import check_new_name, escape  # escape: rich's, and control characters in names made visible
 from .common import (
     AllowNonfiniteOpt,
     ArchOpt,
@@ -78,8 +76,12 @@ def deepen_cmd(
 
     An identity layer followed by an activation φ is inserted only where φ(v) = v for every value --after can produce (relu after a relu, for instance); anything else is refused with the alternative that would work.
     """
+    from ..deepen import deepen  # torch: only once a command runs
+    from ..model import load_model
+
     check_json_target(json_out, output)
     require_output(output, dry_run)
+    check_new_name("--name", name)
     teacher = load_model(checkpoint, arch)
     preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
     student, report = deepen(

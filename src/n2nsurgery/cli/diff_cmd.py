@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..diff import diff_models, fmt_shape, growth
 from . import app
+from .common import escape  # rich's escape, and control characters in names made visible
 from .common import ArchAOpt, ArchBOpt, ArchBothOpt, JsonOpt, command, console, emit_json, load_pair
 
 

@@ -6,8 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ..guards import check_finite
-from ..verify import verify
 from . import app
 from .common import (
     AllowNonfiniteOpt, ArchAOpt, ArchBOpt, ArchBothOpt, AtolOpt, DeviceChoice, DeviceOpt, JsonOpt, ProbesOpt, RtolOpt,
@@ -36,6 +34,9 @@ def verify_cmd(
 
     Every value inside the models whose node name and shape both share is compared too, by the same rule (--outputs-only: the outputs alone). NaN or Inf in an output never agrees.
     """
+    from ..guards import check_finite  # torch: only once a command runs
+    from ..verify import verify
+
     model_a, model_b = load_pair(a, b, arch_a, arch_b, arch)
     check_finite(model_a, allow_nonfinite)  # NaN in both would "match" and pass
     check_finite(model_b, allow_nonfinite)

@@ -6,14 +6,12 @@ from enum import Enum
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from ..model import load_model
-from ..widen import widen
 from . import app
+from .common import escape  # rich's escape, and control characters in names made visible
 from .common import (
-    AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, MaxShardSizeOpt, OutputOpt,
+AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, JsonOpt, MaxShardSizeOpt, OutputOpt,
     OverwriteInputOpt, ProbesOpt, RtolOpt, SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
     DryRunOpt, OutputsOnlyOpt, preflight_surgery, require_output,
 )
@@ -71,6 +69,9 @@ def widen_cmd(
     outputs_only: OutputsOnlyOpt = False,
 ):
     """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
+    from ..model import load_model  # torch: only once a command runs
+    from ..widen import widen
+
     check_json_target(json_out, output)
     require_output(output, dry_run)
     teacher = load_model(checkpoint, arch)
