@@ -160,6 +160,18 @@ def test_attention_output_range_is_the_hull_of_v():
     assert ranges["attn"] == ranges["v"] and ranges["attn"].lo >= 0 and ranges["attn"].hi <= 1
 
 
+def test_attention_outputs_lie_in_the_claimed_range():
+    """deepen trusts value_range: every output must lie inside it (here v in [0.5, 3])."""
+    T, h, kv, d = 6, 4, 2, 4
+    q, k = 5 * _randn(4, T, h * d), 5 * _randn(4, T, kv * d)
+    v = 0.5 + 2.5 * torch.rand(4, T, kv * d, generator=G, dtype=torch.float64)
+    y = _run1(_attention_arch(T, h, kv, d, ", rope: {theta: 10.0}"), {}, {"q": q, "k": k, "v": v})
+    from n2nsurgery.ops import get_op
+
+    claimed = get_op("attention").value_range([Interval(), Interval(), Interval(0.5, 3.0)], {})
+    assert claimed.lo <= float(y.min()) and float(y.max()) <= claimed.hi
+
+
 @pytest.mark.parametrize(
     "shapes,attrs,message",
     [
