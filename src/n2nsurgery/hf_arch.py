@@ -58,7 +58,7 @@ class _Config:
     def raw(self, field: str, default: Any = None) -> Any:
         return self.cfg.get(field, default)
 
-    def int(self, field: str, default: Any = _REQUIRED, minimum: int = 1):
+    def integer(self, field: str, default: Any = _REQUIRED, minimum: int = 1):
         """A positive integer; a field that is absent or null takes `default`."""
         v = self.cfg.get(field)
         if v is None:
@@ -69,7 +69,7 @@ class _Config:
             self.fail(f"{field} must be an integer of at least {minimum}, got {v!r}")
         return v
 
-    def float(self, field: str, default: float) -> float:
+    def number(self, field: str, default: float) -> float:
         v = self.cfg.get(field)
         if v is None:
             return default
@@ -77,7 +77,7 @@ class _Config:
             self.fail(f"{field} must be a non-negative number, got {v!r}")
         return float(v)
 
-    def bool(self, field: str, default: bool) -> bool:
+    def flag(self, field: str, default: bool) -> bool:
         v = self.cfg.get(field)
         if v is None:
             return default
@@ -150,12 +150,12 @@ def _node(name: str, op: str, inputs, params: Optional[dict] = None, **attrs) ->
 
 
 def _ids(c: _Config, seq_len: int) -> InputSpec:
-    return InputSpec(name="input_ids", shape=(seq_len,), dtype="int64", high=c.int("vocab_size"))
+    return InputSpec(name="input_ids", shape=(seq_len,), dtype="int64", high=c.integer("vocab_size"))
 
 
 def _heads(c: _Config, hidden: int, heads: int, head_dim_field: Optional[str]) -> int:
     """head_dim: the explicit field when present, else hidden / heads (which must divide)."""
-    explicit = c.int(head_dim_field, default=None) if head_dim_field else None
+    explicit = c.integer(head_dim_field, default=None) if head_dim_field else None
     if explicit is not None:
         return explicit
     if hidden % heads:
@@ -171,21 +171,21 @@ def _lm_head(prev: str, tied: bool, embedding_key: str) -> Node:
 
 
 def _gpt2(c: _Config, model_type: str, seq_len: Optional[int]):
-    positions = c.int("n_positions")
+    positions = c.integer("n_positions")
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, positions)
     if seq_len > positions:
         raise N2NError(f"{c.source}: sequence length {seq_len} exceeds n_positions {positions} (the position table); use at most {positions}")
-    hidden, layers, heads = c.int("n_embd"), c.int("n_layer"), c.int("n_head")
+    hidden, layers, heads = c.integer("n_embd"), c.integer("n_layer"), c.integer("n_head")
     head_dim = _heads(c, hidden, heads, None)
-    c.int("n_inner", default=4 * hidden)  # null means 4·n_embd; the width itself comes from the tensors
-    eps = c.float("layer_norm_epsilon", 1e-5)
+    c.integer("n_inner", default=4 * hidden)  # null means 4·n_embd; the width itself comes from the tensors
+    eps = c.number("layer_norm_epsilon", 1e-5)
     act_op, act_attrs = c.activation("activation_function", "gelu_new")
     c.refuse_if("scale_attn_by_inverse_layer_idx", "it scales layer i's attention by 1/(i+1), which deepening would have to renumber")
     c.refuse_if("reorder_and_upcast_attn", "a different float32 upcasting of the attention scores")
     c.refuse_if("add_cross_attention", "cross-attention reads an encoder's states, which a causal LM architecture has no input for")
     # scale_attn_weights false: raw q·k scores (scale 1); true: the usual 1/sqrt(head_dim).
-    scale = {} if c.bool("scale_attn_weights", True) else {"scale": 1.0}
+    scale = {} if c.flag("scale_attn_weights", True) else {"scale": 1.0}
 
     nodes = [
         _node("transformer.wte", "embedding", "input_ids"),
@@ -215,7 +215,7 @@ def _gpt2(c: _Config, model_type: str, seq_len: Optional[int]):
         prev = b
     nodes += [
         _node("transformer.ln_f", "layernorm", prev, eps=eps),
-        _lm_head("transformer.ln_f", c.bool("tie_word_embeddings", True), "transformer.wte.weight"),
+        _lm_head("transformer.ln_f", c.flag("tie_word_embeddings", True), "transformer.wte.weight"),
     ]
     return [_ids(c, seq_len)], nodes, ["lm_head"]
 
@@ -231,7 +231,7 @@ def _rope_theta(c: _Config) -> float:
         c.fail(f"rope_scaling {scaling!r} is not supported yet (it changes the rotary tables); n2n supports the default rotary only (rope_scaling null)")
     params = c.raw("rope_parameters")
     if params is None:
-        return c.float("rope_theta", 10000.0)
+        return c.number("rope_theta", 10000.0)
     if not isinstance(params, Mapping):
         c.fail(f"rope_parameters must be an object such as {{rope_type: default, rope_theta: 10000.0}}, got {params!r}")
     if _rope_type(params) != "default":
@@ -252,24 +252,24 @@ def _rope_type(params: Mapping):
 def _sliding_window(c: _Config, model_type: str) -> Optional[int]:
     """The attention window the config asks for, or None for full causal attention."""
     if model_type == "mistral":
-        return c.int("sliding_window", default=None)
+        return c.integer("sliding_window", default=None)
     if model_type == "qwen2":
         types = c.raw("layer_types") or []
-        if c.bool("use_sliding_window", False) or "sliding_attention" in types:
-            return c.int("sliding_window", default=None)
+        if c.flag("use_sliding_window", False) or "sliding_attention" in types:
+            return c.integer("sliding_window", default=None)
     return None
 
 
 def _llama_family(c: _Config, model_type: str, seq_len: Optional[int]):
     seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
-    hidden, layers = c.int("hidden_size"), c.int("num_hidden_layers")
-    heads = c.int("num_attention_heads")
-    kv_heads = c.int("num_key_value_heads", default=heads)
+    hidden, layers = c.integer("hidden_size"), c.integer("num_hidden_layers")
+    heads = c.integer("num_attention_heads")
+    kv_heads = c.integer("num_key_value_heads", default=heads)
     if heads % kv_heads:
         c.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     head_dim = _heads(c, hidden, heads, "head_dim")
-    c.int("intermediate_size")  # the width itself comes from the tensors
-    eps = c.float("rms_norm_eps", 1e-6)
+    c.integer("intermediate_size")  # the width itself comes from the tensors
+    eps = c.number("rms_norm_eps", 1e-6)
     act_op, act_attrs = c.activation("hidden_act", "silu")
     theta = _rope_theta(c)
     partial = c.raw("partial_rotary_factor")
@@ -310,6 +310,6 @@ def _llama_family(c: _Config, model_type: str, seq_len: Optional[int]):
         prev = b
     nodes += [
         _node("model.norm", "rmsnorm", prev, eps=eps),
-        _lm_head("model.norm", c.bool("tie_word_embeddings", False), "model.embed_tokens.weight"),
+        _lm_head("model.norm", c.flag("tie_word_embeddings", False), "model.embed_tokens.weight"),
     ]
     return [_ids(c, seq_len)], nodes, ["lm_head"]

@@ -17,8 +17,6 @@ by the rules of GUIDE §6, which are not implemented yet.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -114,14 +112,15 @@ def _infer(in_shapes, p, a):
 def rope_tables(positions: int, head_dim: int, theta: float, dtype: torch.dtype, device) -> tuple:
     """(cos, sin), each ``[positions, head_dim]``, computed as transformers' default rotary does.
 
-    ``inv_freq = 1 / theta ** (arange(0, d, 2) / d)`` on the CPU (where transformers builds it,
-    at model creation), then ``freqs = positions ⊗ inv_freq`` and ``emb = cat(freqs, freqs)``, all
-    in float32, or in float64 when the run is float64; the tables are cast to `dtype`.
+    ``inv_freq = 1 / theta ** (arange(0, d, 2) / d)``, ``freqs = positions ⊗ inv_freq`` and
+    ``emb = cat(freqs, freqs)``, all in float32 (in float64 when the run is float64), then cos and
+    sin cast to `dtype`. Every step is one correctly rounded operation per entry, as in
+    transformers, so the float32 tables are the same bits.
     """
     table = torch.promote_types(dtype, torch.float32)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=table) / head_dim))
     pos = torch.arange(positions, dtype=torch.int64).to(dtype=table)
-    freqs = torch.outer(pos, inv_freq).to(device)  # one product per entry: what HF's K=1 matmul computes
+    freqs = torch.outer(pos, inv_freq).to(device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -152,10 +151,10 @@ def _forward(xs, p, a):
     if a["rope"] is not None:
         cos, sin = rope_tables(q.shape[2], d, a["rope"]["theta"], q.dtype, q.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if kv != h:  # query head i reads kv head i // group: repeat each kv head group times, in place
+    if kv != h:  # kv head j serves query heads j·group .. j·group + group - 1 (head i reads i // group)
         group = h // kv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
+    scale = a["scale"] if a["scale"] is not None else d**-0.5  # written as transformers writes it
     out = F.scaled_dot_product_attention(q, k, v, is_causal=a["causal"], scale=scale)
     return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], h * d)
 
