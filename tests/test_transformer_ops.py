@@ -494,3 +494,20 @@ def test_arch_from_config_refuses_what_it_cannot_compute(cfg, message):
 def test_sliding_window_as_long_as_the_sequence_is_full_attention():
     arch = arch_from_config(dict(LLAMA, model_type="mistral", sliding_window=4096))
     assert arch.node("model.layers.0.self_attn").resolved_attrs()["causal"] is True
+
+
+def test_transformers_is_not_a_runtime_dependency():
+    """The ops, hf_arch and the examples work where transformers cannot be imported."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((RECIPES.parent / "pyproject.toml").read_text())["project"]
+    assert not any(dep.startswith("transformers") for dep in project["dependencies"])
+    assert any(dep.startswith("transformers") for dep in project["optional-dependencies"]["test"])
+    script = (
+        "import sys; sys.modules['transformers'] = None\n"  # any import of it now fails
+        "from n2nsurgery.examples_transformers import build_model\n"
+        "from n2nsurgery.executor import run\n"
+        "import torch\n"
+        "(y,) = run(build_model('llama-tiny'), {'input_ids': torch.zeros(1, 8, dtype=torch.int64)})\n"
+        "assert y.shape == (1, 8, 96)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
