@@ -9,7 +9,6 @@ Both refuse widening for now (the default rule of :mod:`.base`): widening d_mode
 residual stream's coupled group (GUIDE §6), which is not implemented yet.
 """
 
-import torch
 import torch.nn.functional as F
 
 from .base import OpDef, Param, expect, fmt_shape, register
