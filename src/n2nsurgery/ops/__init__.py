@@ -5,6 +5,7 @@ below. Nothing else in the tool needs to change.
 """
 
 from . import activations, batchnorm, conv, linear, merge, pooling, shape_ops  # noqa: F401  (registers)
+from . import attention, chunk, embedding, linear_t, norms  # noqa: F401  (registers the transformer ops)
 from .base import REGISTRY, Interval, OpDef, get_op
 
 __all__ = ["REGISTRY", "Interval", "OpDef", "get_op"]
