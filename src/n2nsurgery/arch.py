@@ -84,13 +84,27 @@ class Architecture:
     # ---------------------------------------------------------------- lookups
 
     def node(self, name: str) -> Node:
-        for n in self.nodes:
-            if n.name == name:
-                return n
+        found = self._find(name)
+        if found is not None:
+            return found
         raise N2NError(f"{self.source}: no node named {name!r}{did_you_mean(name, self.node_names())}")
 
     def has_node(self, name: str) -> bool:
-        return any(n.name == name for n in self.nodes)
+        return self._find(name) is not None
+
+    def _find(self, name: str) -> Optional[Node]:
+        """The node named `name`, in O(1) for a hit: a name -> position index, rebuilt when the
+        node list changed length or identity. `nodes` is plain data that surgery edits in place,
+        so a hit is confirmed against the list and a miss falls back to a scan."""
+        stamp = (id(self.nodes), len(self.nodes))
+        index = self.__dict__.get("_index")
+        if index is None or index[0] != stamp:
+            index = (stamp, {n.name: i for i, n in enumerate(self.nodes)})
+            self.__dict__["_index"] = index
+        i = index[1].get(name)
+        if i is not None and self.nodes[i].name == name:
+            return self.nodes[i]
+        return next((n for n in self.nodes if n.name == name), None)
 
     def node_names(self) -> list:
         return [n.name for n in self.nodes]

@@ -157,6 +157,36 @@ class Model:
         )
 
 
+class GraphIndex:
+    """Lookups the graph walks need, built once per architecture (not once per walk).
+
+    ``by_name``: node name -> node. ``readers``: value -> [(node, input index)] in node order.
+    ``key_users``: checkpoint key -> [(node, role)] of every node whose parameter is that key
+    (two or more: a tied tensor).
+    """
+
+    def __init__(self, arch: Architecture):
+        self.by_name = {n.name: n for n in arch.nodes}
+        self.readers: dict = {}
+        self.key_users: dict = {}
+        for n in arch.nodes:
+            for i, src in enumerate(n.inputs):
+                self.readers.setdefault(src, []).append((n, i))
+            for role in get_op(n.op).params:
+                self.key_users.setdefault(n.param_key(role), []).append((n, role))
+
+
+def graph_index(model: "Model") -> GraphIndex:
+    """The model's :class:`GraphIndex`, cached while its architecture object and node count stay
+    the same (surgery builds new models; an index of a changed graph is rebuilt)."""
+    stamp = (id(model.arch), id(model.arch.nodes), len(model.arch.nodes))
+    cached = model.__dict__.get("_graph_index")
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, GraphIndex(model.arch))
+        model.__dict__["_graph_index"] = cached
+    return cached[1]
+
+
 def infer_shapes(arch: Architecture, tensors: TensorStore, source: str = "<model>") -> dict:
     """One-sample output shape of every node; rejects missing or wrongly shaped parameters."""
     shapes = {name: tuple(spec.shape) for name, spec in arch.inputs.items()}

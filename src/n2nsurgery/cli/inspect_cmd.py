@@ -7,6 +7,7 @@ from rich.table import Table
 
 from .. import inspect as inspect_mod
 from ..model import load_model
+from ..ops import get_op
 from . import app
 from .common import ArchOpt, CheckpointArg, JsonOpt, command, console, emit_json
 
@@ -31,7 +32,7 @@ def inspect_cmd(checkpoint: CheckpointArg, arch: ArchOpt = None, json_out: JsonO
     for spec_name, spec in info["inputs"].items():
         table.add_row(escape(spec_name), "input", "", _shape(spec["shape"]), spec["dtype"], "", "", "", style="dim")
     for n in info["nodes"]:
-        params = _params_cell(n["params"])
+        params = _params_cell(n["op"], n["params"])
         table.add_row(
             escape(n["name"]),
             n["op"],
@@ -49,13 +50,10 @@ def inspect_cmd(checkpoint: CheckpointArg, arch: ArchOpt = None, json_out: JsonO
         _print_history(info["history"])
 
 
-def _params_cell(params: dict) -> str:
-    """Roles with their shapes, short: 'weight[8, 3, 3, 3] bias[8]'; batchnorm's four per-channel
-    vectors as '4×[8]' (every role is in --json)."""
-    vectors = [r for r, p in params.items() if r in ("weight", "bias", "running_mean", "running_var") and len(p["shape"]) == 1]
-    if "running_mean" in params and len({tuple(params[r]["shape"]) for r in vectors}) == 1:
-        return f"{len(vectors)}×{_shape(params['running_mean']['shape'])}"
-    return " ".join(f"{r}{_shape(p['shape'])}" for r, p in params.items())
+def _params_cell(op: str, params: dict) -> str:
+    """Roles with their shapes, short, as the op's ``show_params`` writes them ('weight[8, 3, 3, 3]
+    bias[8]'; batchnorm's four per-channel vectors as '4×[8]'); every role is in --json."""
+    return get_op(op).show_params({r: tuple(p["shape"]) for r, p in params.items()})
 
 
 def _widen_cell(widen) -> str:
