@@ -8,6 +8,7 @@ without tensors is checked here, before anything runs, and every error names the
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -114,7 +115,17 @@ class Architecture:
         return [n for n in self.nodes if value in n.inputs]
 
     def copy(self) -> "Architecture":
-        return copy.deepcopy(self)
+        """A copy whose nodes, inputs and outputs can be edited without touching this one.
+
+        Node by node rather than one deepcopy of everything (which costs seconds at 100k
+        nodes): names, ops and scalars are immutable; only attribute values that are lists or
+        mappings are deep-copied."""
+        return dataclasses.replace(
+            self,
+            inputs={k: dataclasses.replace(v) for k, v in self.inputs.items()},
+            nodes=[_copy_node(n) for n in self.nodes],
+            outputs=list(self.outputs),
+        )
 
     # ---------------------------------------------------------------- YAML
 
@@ -131,6 +142,11 @@ class Architecture:
             lines.append(f"  - {_flow(n.to_dict())}")
         lines.append("outputs: " + _flow(list(self.outputs)))
         return "\n".join(lines) + "\n"
+
+
+def _copy_node(n: Node) -> Node:
+    attrs = {k: (copy.deepcopy(v) if isinstance(v, (list, dict)) else v) for k, v in n.attrs.items()}
+    return Node(n.name, n.op, list(n.inputs), attrs, dict(n.params))
 
 
 def _flow(value) -> str:

@@ -40,6 +40,7 @@ import torch
 
 from .arch import Architecture, Node
 from .errors import N2NError, did_you_mean
+from .model import graph_index
 from .ops import activation_names, get_op, insertable
 from .ops.base import Interval, fmt_shape
 from .surgery import history_step
@@ -231,7 +232,11 @@ def deepen(
         "hidden": hidden,
         "name": names["base"],  # the --name that reproduces this step
     }
-    student = model.replace(arch=new_arch, tensors=model.tensors.with_changes(tensors), step=history_step("deepen", args, seed))
+    # Old nodes keep their parameters and shapes (the new layers keep `after`'s shape), so only
+    # the new nodes are checked: a long recipe of deepen steps stays linear in its step count.
+    known = {n: s for n, s in model.shapes.items() if n not in model.arch.inputs}
+    student = model.replace(arch=new_arch, tensors=model.tensors.with_changes(tensors), step=history_step("deepen", args, seed),
+                            known_shapes=known)
     report = DeepenReport(
         after=after,
         op="residual" if residual else layer_op,
@@ -388,10 +393,12 @@ def _plan_names(model, after: str, name: Optional[str], residual: bool, short: s
             names["act"] = names["last"] = f"{base}_{phi}"
         return names
 
+    by_name = graph_index(model).by_name  # O(1) lookups: a long recipe asks this every step
+
     def taken(names: dict) -> Optional[str]:
         """The first planned name (or tensor key) already in the model, else None."""
         for n in dict.fromkeys(names.values()):
-            if n in model.arch.inputs or model.arch.has_node(n):
+            if n in model.arch.inputs or n in by_name:
                 return n
             for role in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
                 if f"{n}.{role}" in model.tensors:

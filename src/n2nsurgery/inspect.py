@@ -32,6 +32,7 @@ def describe(model) -> dict:
     from .deepen import value_ranges
 
     ranges = value_ranges(model)
+    groups: dict = {}  # layer -> the group it was found in: its partners need no walk of their own
     nodes = []
     keys = set()
     for node in model.arch.nodes:
@@ -54,7 +55,7 @@ def describe(model) -> dict:
                 "output_shape": list(model.shapes[node.name]),
                 "params": params,
                 "param_count": count,
-                "widen": _widen_info(model, node) if get_op(node.op).units is not None else None,
+                "widen": _widen_info(model, node, groups) if get_op(node.op).units is not None else None,
                 "deepen_after": _deepen_after(model, node, ranges),
             }
         )
@@ -73,8 +74,18 @@ def describe(model) -> dict:
     }
 
 
-def _widen_info(model, node) -> dict:
+def _widen_info(model, node, groups: dict) -> dict:
+    """The layers that widen with `node`, or why it cannot be widened. A layer found in an
+    earlier layer's group widens with the same layers (they share one unit space), so the
+    residual stream of a deep model is walked once, not once per layer on it."""
     from .widen import widen_group
 
+    if node.name in groups:
+        found = groups[node.name]
+        return {"group": [node.name] + sorted(found - {node.name})}
     group, refused = widen_group(model, node.name)
-    return {"group": group} if refused is None else {"refused": refused}
+    if refused is not None:
+        return {"refused": refused}
+    for name in group:
+        groups[name] = frozenset(group)
+    return {"group": group}

@@ -125,8 +125,13 @@ class Model:
         key = node.param_key(role)
         return self.tensors.shape(key) if key in self.tensors else None
 
-    def replace(self, arch: Optional[Architecture] = None, tensors: Optional[TensorStore] = None, step: Optional[dict] = None) -> "Model":
-        """A new, checked model with a new architecture and/or tensors, and `step` appended to history."""
+    def replace(self, arch: Optional[Architecture] = None, tensors: Optional[TensorStore] = None, step: Optional[dict] = None,
+                known_shapes: Optional[Mapping] = None) -> "Model":
+        """A new, checked model with a new architecture and/or tensors, and `step` appended to history.
+
+        `known_shapes`: nodes whose parameters and output shapes the caller guarantees unchanged
+        (deepen: every old node), taken as they are instead of checked again; new nodes are checked.
+        """
         m = Model(
             arch=arch if arch is not None else self.arch,
             tensors=tensors if tensors is not None else self.tensors,
@@ -134,7 +139,10 @@ class Model:
             metadata=dict(self.metadata),
             source=self.source,
         )
-        return m.check()
+        if known_shapes is None:
+            return m.check()
+        m.shapes = infer_shapes(m.arch, m.tensors, m.source, known=known_shapes)
+        return m
 
     def float_dtypes(self) -> set:
         """The floating dtypes of all parameters the graph uses."""
@@ -151,10 +159,18 @@ class Model:
         batchnorm's num_batches_tracked are not parameters)."""
         import math
 
+        # Cached per architecture and store: reports ask it of each model twice or more (a long
+        # recipe: as the student of one step and the teacher of the next).
+        stamp = (id(self.arch), id(self.arch.nodes), len(self.arch.nodes), id(self.tensors), len(self.tensors.changes))
+        cached = self.__dict__.get("_parameter_count")
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         keys = {node.param_key(r) for node in self.arch.nodes for r in get_op(node.op).params}
-        return sum(
+        count = sum(
             math.prod(self.tensors.shape(k)) for k in keys if k in self.tensors and self.tensors.dtype(k).is_floating_point
         )
+        self.__dict__["_parameter_count"] = (stamp, count)
+        return count
 
 
 class GraphIndex:
@@ -187,10 +203,15 @@ def graph_index(model: "Model") -> GraphIndex:
     return cached[1]
 
 
-def infer_shapes(arch: Architecture, tensors: TensorStore, source: str = "<model>") -> dict:
-    """One-sample output shape of every node; rejects missing or wrongly shaped parameters."""
+def infer_shapes(arch: Architecture, tensors: TensorStore, source: str = "<model>", known: Optional[Mapping] = None) -> dict:
+    """One-sample output shape of every node; rejects missing or wrongly shaped parameters.
+
+    Nodes named in `known` take the shape given there unchecked (see :meth:`Model.replace`)."""
     shapes = {name: tuple(spec.shape) for name, spec in arch.inputs.items()}
     for node in arch.nodes:
+        if known is not None and node.name in known:
+            shapes[node.name] = known[node.name]
+            continue
         op = get_op(node.op)
         pshapes = {}
         for role, spec in op.params.items():

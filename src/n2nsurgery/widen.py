@@ -439,10 +439,11 @@ def _layout(n: int, width: int) -> UnitMap:
     return UnitMap(src, 1.0 / counts[src], torch.arange(width) >= n, n)
 
 
-def collect_space(model, layer: str, width: int) -> UnitSpace:
-    """Walk the coupled group of `layer` and gather its unit space: the layer's ``n`` rows in
-    blocks (its own block size, and every member's), and each member's constraints."""
-    node = model.arch.node(layer)
+def collect_space(model, layer: str, width: int) -> tuple:
+    """Walk the coupled group of `layer` with a stand-in layout and gather its unit space: the
+    layer's ``n`` rows in blocks (its own block size, and every member's), and each member's
+    constraints. Returns ``(space, ctx)``; ctx knows the group (members, producers, remaps)."""
+    node = graph_index(model).by_name[layer]
     units = get_op(node.op).units
     axis = unit_axis(model, node)
     n = model.shapes[layer][axis]
@@ -451,7 +452,14 @@ def collect_space(model, layer: str, width: int) -> UnitSpace:
     space = UnitSpace(rows=n, block=units.block(node.resolved_attrs()))
     for c in ctx.constraints:
         space.add(c)
-    return space
+    return space, ctx
+
+
+def _choose(space: UnitSpace, layer: str, width: int, fill: Optional[str]) -> str:
+    try:
+        return choose_fill(space, width, fill)
+    except PlanError as e:
+        raise N2NError(f"cannot widen {layer!r} exactly: at node {e.node!r}, {e.reason}") from None
 
 
 def plan_group(model, layer: str, width: int, split: str = "equal", seed: int = 0, fill: Optional[str] = None) -> WidenContext:
@@ -479,11 +487,8 @@ def plan_group(model, layer: str, width: int, split: str = "equal", seed: int = 
     if fill is not None and fill not in FILL_MODES:
         raise N2NError(f"fill mode must be one of {', '.join(FILL_MODES)}, got {fill!r}")
     _check_memory(model, layer, width)  # before drawing a map of `width` entries
-    space = collect_space(model, layer, width)
-    try:
-        mode = choose_fill(space, width, fill)
-    except PlanError as e:
-        raise N2NError(f"cannot widen {layer!r} exactly: at node {e.node!r}, {e.reason}") from None
+    space, _ = collect_space(model, layer, width)
+    mode = _choose(space, layer, width, fill)
     gen = torch.Generator().manual_seed(seed)
     ctx = WidenContext(model, layer)
     ctx.run(layer, axis, UnitMap.draw(n, width, split, gen, mode, space.block))
@@ -562,8 +567,14 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
 
 def widen_group(model, layer: str) -> tuple:
     """For `n2n inspect`: (group of producers that widen together, None) or (None, reason refused)."""
+    # The collecting walk alone: the group and every refusal of the structure are known there;
+    # drawing the map and walking again would only repeat it (inspect asks for every layer).
     try:
-        ctx = plan_group(model, layer, _one_more(model, layer))
+        _check_layer(model, layer)
+        width = _one_more(model, layer)
+        space, ctx = collect_space(model, layer, width)
+        _choose(space, layer, width, None)
+        _check_memory(model, layer, width, ctx.remaps)
     except N2NError as e:
         return None, str(e)
     return [layer] + sorted(set(ctx.producers) - {layer}), None
