@@ -281,3 +281,28 @@ sys.exit(1 if failed else 0)
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([sys.executable, "-c", "import n2nsurgery.ops.merge"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+CONTEXT_API = {"shape", "attrs", "map_of", "assign", "remap", "set_attr", "constrain", "defer", "refuse"}
+
+
+def test_op_rules_use_only_the_context_api():
+    """Rules call the documented WidenContext methods; they never reach into its internals."""
+    used = set()
+    for path in _modules(os.path.join(SRC, "ops")):
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ctx":
+                used.add(node.attr)
+    assert used <= CONTEXT_API, used - CONTEXT_API
+
+
+def test_a_remap_can_scale_old_units_and_set_new_ones():
+    """More than gathers: old entries scaled (a norm's γ × √(n/q)), new entries a fixed value."""
+    from n2nsurgery.ops.units import UnitMap
+    from n2nsurgery.widen import Remap, _apply
+
+    m = UnitMap.draw(3, 5, "equal", torch.Generator().manual_seed(0), "zero")
+    out = _apply(torch.tensor([1.0, 2.0, 3.0]), {0: Remap(m, "copy", "n", scale_old=0.5, new_value=7.0)}, 0.0, 0, "k")
+    assert out.tolist() == [0.5, 1.0, 1.5, 7.0, 7.0]
+    rows = _apply(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), {0: Remap(m, "rows", "n")}, 0.0, 0, "k")
+    assert rows.tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [0.0, 0.0], [0.0, 0.0]]
