@@ -145,8 +145,8 @@ class Architecture:
 
 
 def _copy_node(n: Node) -> Node:
-    attrs = {k: (copy.deepcopy(v) if isinstance(v, (list, dict)) else v) for k, v in n.attrs.items()}
-    return Node(n.name, n.op, list(n.inputs), attrs, dict(n.params))
+    attrs = {k: (copy.deepcopy(v) if isinstance(v, (list, dict)) else v) for k, v in n.attrs.items()} if n.attrs else {}
+    return Node(n.name, n.op, list(n.inputs), attrs, dict(n.params) if n.params else {})
 
 
 def _flow(value) -> str:

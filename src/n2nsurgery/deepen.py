@@ -40,7 +40,6 @@ import torch
 
 from .arch import Architecture, Node
 from .errors import N2NError, did_you_mean
-from .model import graph_index
 from .ops import activation_names, get_op, insertable
 from .ops.base import Interval, fmt_shape
 from .surgery import history_step
@@ -98,12 +97,13 @@ class DeepenReport:
 # ------------------------------------------------------------------------------ value ranges
 
 
-def value_ranges(model) -> dict:
+def value_ranges(model, upto: Optional[str] = None) -> dict:
     """The interval every value of `model` provably lies in, by name (inputs and nodes).
 
     Float model inputs are unbounded; integer inputs lie in ``[0, high - 1]``. Each node's range
     follows from its inputs' ranges by its op's ``value_range`` rule; ops that track nothing
-    (linear, conv, batchnorm) give ``[-inf, inf]``.
+    (linear, conv, batchnorm) give ``[-inf, inf]``. With `upto`, nodes after it (in topological
+    order, so none of its ancestors) are left out.
 
     Example:
         >>> value_ranges(n2n.load_model("recipes/mlp.safetensors", "recipes/mlp.yaml"))["relu1"]
@@ -116,6 +116,8 @@ def value_ranges(model) -> dict:
     for node in arch.nodes:
         op = get_op(node.op)
         ranges[node.name] = op.value_range([ranges[i] for i in node.inputs], node.resolved_attrs())
+        if node.name == upto:
+            break
     return ranges
 
 
@@ -208,7 +210,7 @@ def deepen(
     _check_hidden(hidden, residual)
     phi, phi_attrs = _pick_activation(arch, after, activation, residual)
 
-    ranges = value_ranges(model)
+    ranges = value_ranges(model, upto=after)
     if not residual and not is_identity_on(phi, phi_attrs, ranges[after]):
         raise N2NError(_not_exact_message(after, phi, ranges[after]))
 
@@ -237,6 +239,10 @@ def deepen(
     known = {n: s for n, s in model.shapes.items() if n not in model.arch.inputs}
     student = model.replace(arch=new_arch, tensors=model.tensors.with_changes(tensors), step=history_step("deepen", args, seed),
                             known_shapes=known)
+    # What the student adds is known here: no need to count the whole graph again.
+    before = model.parameter_count()
+    student.remember("parameter_count", before + sum(t.numel() for t in tensors.values() if t.dtype.is_floating_point))
+    student.remember("param_dtype", dtype)  # new tensors are all `dtype`: the most common one stays it
     report = DeepenReport(
         after=after,
         op="residual" if residual else layer_op,
@@ -255,7 +261,7 @@ def deepen(
         arch={
             "nodes_before": len(arch.nodes),
             "nodes_after": len(new_arch.nodes),
-            "parameters_before": model.parameter_count(),
+            "parameters_before": before,
             "parameters_after": student.parameter_count(),
         },
     )
@@ -393,12 +399,12 @@ def _plan_names(model, after: str, name: Optional[str], residual: bool, short: s
             names["act"] = names["last"] = f"{base}_{phi}"
         return names
 
-    by_name = graph_index(model).by_name  # O(1) lookups: a long recipe asks this every step
+    names_in_use = {n.name for n in model.arch.nodes}  # O(1) lookups for the candidates below
 
     def taken(names: dict) -> Optional[str]:
         """The first planned name (or tensor key) already in the model, else None."""
         for n in dict.fromkeys(names.values()):
-            if n in model.arch.inputs or n in by_name:
+            if n in model.arch.inputs or n in names_in_use:
                 return n
             for role in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
                 if f"{n}.{role}" in model.tensors:
@@ -433,6 +439,10 @@ def _plan_names(model, after: str, name: Optional[str], residual: bool, short: s
 
 def _param_dtype(model) -> torch.dtype:
     """The floating dtype most of the model's parameter tensors have (float32 when none)."""
+    return model.memo("param_dtype", lambda: _count_param_dtype(model))
+
+
+def _count_param_dtype(model) -> torch.dtype:
     counts = Counter()
     seen = set()
     for node in model.arch.nodes:

@@ -159,18 +159,33 @@ class Model:
         batchnorm's num_batches_tracked are not parameters)."""
         import math
 
-        # Cached per architecture and store: reports ask it of each model twice or more (a long
-        # recipe: as the student of one step and the teacher of the next).
-        stamp = (id(self.arch), id(self.arch.nodes), len(self.arch.nodes), id(self.tensors), len(self.tensors.changes))
-        cached = self.__dict__.get("_parameter_count")
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        keys = {node.param_key(r) for node in self.arch.nodes for r in get_op(node.op).params}
-        count = sum(
-            math.prod(self.tensors.shape(k)) for k in keys if k in self.tensors and self.tensors.dtype(k).is_floating_point
-        )
-        self.__dict__["_parameter_count"] = (stamp, count)
-        return count
+        def count() -> int:
+            keys = {node.param_key(r) for node in self.arch.nodes for r in get_op(node.op).params}
+            return sum(
+                math.prod(self.tensors.shape(k)) for k in keys if k in self.tensors and self.tensors.dtype(k).is_floating_point
+            )
+
+        # Reports ask it of each model twice or more (a long recipe: as the student of one step
+        # and the teacher of the next).
+        return self.memo("parameter_count", count)
+
+    # Facts derived from the whole graph, cached while the architecture and store objects (and
+    # their sizes) are the same ones, so a long recipe does not recompute them at every step.
+    def _stamp(self) -> tuple:
+        return (id(self.arch), id(self.arch.nodes), len(self.arch.nodes), id(self.tensors), len(self.tensors.changes))
+
+    def memo(self, name: str, compute):
+        """`compute()`, cached under `name` for this model as it is now."""
+        hit = self.__dict__.get("_memo_" + name)
+        if hit is not None and hit[0] == self._stamp():
+            return hit[1]
+        value = compute()
+        self.remember(name, value)
+        return value
+
+    def remember(self, name: str, value) -> None:
+        """Record a derived fact the caller computed more cheaply (a surgery knows what it added)."""
+        self.__dict__["_memo_" + name] = (self._stamp(), value)
 
 
 class GraphIndex:
