@@ -69,9 +69,10 @@ class UnitMap:
         new = torch.arange(width) >= n
         if fill == "tile":  # width = k·n: unit j copies j mod n, every unit exactly k times
             return UnitMap(torch.arange(width) % n, torch.full((width,), n / width, dtype=torch.float64), new, n, "tile")
-        # zero / average: old units keep their weights; new units read column 0 of a consumer
-        # with share 0 (a consumer's new columns are free: the new units carry 0 or a value the
-        # old columns already account for... see widen._apply for what each mode writes).
+        # zero / average: old units keep their weights (share 1); a consumer's new columns get
+        # share 0, so whatever the new units carry (0, or the mean) adds nothing downstream.
+        # src of a new unit is only a placeholder for the gather (widen._apply writes the zero or
+        # mean rows of producers itself).
         src = torch.cat([torch.arange(n), torch.zeros(width - n, dtype=torch.int64)])
         share = torch.cat([torch.ones(n, dtype=torch.float64), torch.zeros(width - n, dtype=torch.float64)])
         return UnitMap(src, share, new, n, fill)
@@ -214,19 +215,20 @@ def choose_fill(space: UnitSpace, width: int, wanted: Optional[str] = None) -> s
         if space.rows % c.block or width % c.block:
             raise PlanError(c.node, f"its units come in blocks of {c.block} rows, so the width must be a multiple of {c.block} (got {width})")
     candidates = [wanted] if wanted is not None else list(FILL_MODES)
-    if width % space.rows:
-        candidates = [m for m in candidates if m != "tile"] or candidates  # tile needs width = k·n
+    note = ""
+    if width % space.rows and "tile" in candidates:  # tile copies every unit k times: width = k·n
+        candidates.remove("tile")
+        note = f"; tile needs a width that is a multiple of {space.rows}"
     for c in space.constraints:
         if c.modes is None:
             continue
         left = [m for m in candidates if m in c.modes]
         if not left:
             allowed = ", ".join(m for m in FILL_MODES if m in c.modes)
-            tried = ", ".join(candidates)
             why = f" ({c.why})" if c.why else ""
-            raise PlanError(c.node, f"it allows only the fill modes {allowed}{why}, and none of {tried} fits this widening")
+            tried = ", ".join(candidates) or "none"
+            raise PlanError(c.node, f"it allows only the fill modes {allowed}{why}, and the rest of the group allows {tried}{note}")
         candidates = left
-    mode = candidates[0]
-    if mode == "tile" and width % space.rows:
-        raise PlanError(space.constraints[-1].node if space.constraints else "?", f"tile needs the width to be a multiple of {space.rows}, got {width}")
-    return mode
+    if not candidates:  # only `wanted` = tile was asked for, and the width is not a multiple
+        raise PlanError(space.constraints[0].node if space.constraints else "?", note.lstrip("; "))
+    return candidates[0]
