@@ -436,7 +436,9 @@ def _layout(n: int, width: int) -> UnitMap:
     new unit j copies j mod n."""
     src = torch.arange(width) % n
     counts = torch.bincount(src, minlength=n).to(torch.float64)
-    return UnitMap(src, 1.0 / counts[src], torch.arange(width) >= n, n)
+    # reciprocal(), not 1.0 / t: the reflected operator's Python wrapper costs more than the
+    # division at these sizes, and inspect builds one layout per layer.
+    return UnitMap(src, torch.reciprocal(counts[src]), torch.arange(width) >= n, n)
 
 
 def collect_space(model, layer: str, width: int) -> tuple:
