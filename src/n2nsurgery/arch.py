@@ -8,6 +8,7 @@ without tensors is checked here, before anything runs, and every error names the
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -84,13 +85,27 @@ class Architecture:
     # ---------------------------------------------------------------- lookups
 
     def node(self, name: str) -> Node:
-        for n in self.nodes:
-            if n.name == name:
-                return n
+        found = self._find(name)
+        if found is not None:
+            return found
         raise N2NError(f"{self.source}: no node named {name!r}{did_you_mean(name, self.node_names())}")
 
     def has_node(self, name: str) -> bool:
-        return any(n.name == name for n in self.nodes)
+        return self._find(name) is not None
+
+    def _find(self, name: str) -> Optional[Node]:
+        """The node named `name`, in O(1) for a hit: a name -> position index, rebuilt when the
+        node list changed length or identity. `nodes` is plain data that surgery edits in place,
+        so a hit is confirmed against the list and a miss falls back to a scan."""
+        stamp = (id(self.nodes), len(self.nodes))
+        index = self.__dict__.get("_index")
+        if index is None or index[0] != stamp:
+            index = (stamp, {n.name: i for i, n in enumerate(self.nodes)})
+            self.__dict__["_index"] = index
+        i = index[1].get(name)
+        if i is not None and self.nodes[i].name == name:
+            return self.nodes[i]
+        return next((n for n in self.nodes if n.name == name), None)
 
     def node_names(self) -> list:
         return [n.name for n in self.nodes]
@@ -100,7 +115,17 @@ class Architecture:
         return [n for n in self.nodes if value in n.inputs]
 
     def copy(self) -> "Architecture":
-        return copy.deepcopy(self)
+        """A copy whose nodes, inputs and outputs can be edited without touching this one.
+
+        Node by node rather than one deepcopy of everything (which costs seconds at 100k
+        nodes): names, ops and scalars are immutable; only attribute values that are lists or
+        mappings are deep-copied."""
+        return dataclasses.replace(
+            self,
+            inputs={k: dataclasses.replace(v) for k, v in self.inputs.items()},
+            nodes=[_copy_node(n) for n in self.nodes],
+            outputs=list(self.outputs),
+        )
 
     # ---------------------------------------------------------------- YAML
 
@@ -117,6 +142,11 @@ class Architecture:
             lines.append(f"  - {_flow(n.to_dict())}")
         lines.append("outputs: " + _flow(list(self.outputs)))
         return "\n".join(lines) + "\n"
+
+
+def _copy_node(n: Node) -> Node:
+    attrs = {k: (copy.deepcopy(v) if isinstance(v, (list, dict)) else v) for k, v in n.attrs.items()} if n.attrs else {}
+    return Node(n.name, n.op, list(n.inputs), attrs, dict(n.params) if n.params else {})
 
 
 def _flow(value) -> str:

@@ -40,26 +40,36 @@ import torch
 
 from .arch import Architecture, Node
 from .errors import N2NError, did_you_mean
-from .ops import get_op
+from .ops import activation_names, get_op, insertable
 from .ops.base import Interval, fmt_shape
 from .surgery import history_step
 
+# The --op words. "linear" and "conv" name the Insert.word of the ops deepen builds (the registry
+# picks the op that fits the value: conv1d/2d/3d by rank); "auto" picks linear for a 1-D value and
+# conv otherwise; "residual" is a zero-initialised branch joined by the op whose word is "sum".
 OPS = ("auto", "linear", "conv", "residual")
 
-# Activations deepen can insert, and copies by default when `after` is one of them.
-ACTIVATIONS = ("relu", "relu6", "leaky_relu", "sigmoid", "tanh", "silu", "gelu")
+# What --batchnorm inserts, and what joins a residual branch (Insert.word of the op).
+_NORM_WORD = "batchnorm"
+_SUM_WORD = "sum"
 
-# Activations that are the identity on no interval of interest: an identity layer followed by
-# one of these always changes the function.
-_NEVER_IDEMPOTENT = ("sigmoid", "tanh", "silu", "gelu")
 
-# Spatial ranks a convolution covers: a value [C, *spatial] of rank 2, 3, 4 gets conv1d/2d/3d.
-_CONV_BY_RANK = {2: "conv1d", 3: "conv2d", 4: "conv3d"}
+def activations() -> tuple:
+    """Activations deepen can insert, and copies by default when `after` is one of them: the ops
+    whose OpDef declares an ``activation`` rule, in registry order."""
+    return activation_names()
 
-# A default name deepen gives: <root>_deep[N], optionally followed by _bn or _<activation>.
-_DEFAULT_NAME = re.compile(r"^(.+)_deep\d*(?:_(?:bn|" + "|".join(ACTIVATIONS) + r"))?$")
 
-_BN_EPS = 1e-5  # torch.nn.BatchNorm's default, so the new layer loads into a default module
+def __getattr__(name):
+    # ACTIVATIONS was a constant; it is the registry's list now (an op registered later joins it).
+    if name == "ACTIVATIONS":
+        return activations()
+    raise AttributeError(name)
+
+
+def _default_name():
+    """A default name deepen gives: <root>_deep[N], optionally followed by _bn or _<activation>."""
+    return re.compile(r"^(.+)_deep\d*(?:_(?:bn|" + "|".join(map(re.escape, activations())) + r"))?$")
 
 
 @dataclass
@@ -87,12 +97,13 @@ class DeepenReport:
 # ------------------------------------------------------------------------------ value ranges
 
 
-def value_ranges(model) -> dict:
+def value_ranges(model, upto: Optional[str] = None) -> dict:
     """The interval every value of `model` provably lies in, by name (inputs and nodes).
 
     Float model inputs are unbounded; integer inputs lie in ``[0, high - 1]``. Each node's range
     follows from its inputs' ranges by its op's ``value_range`` rule; ops that track nothing
-    (linear, conv, batchnorm) give ``[-inf, inf]``.
+    (linear, conv, batchnorm) give ``[-inf, inf]``. With `upto`, nodes after it (in topological
+    order, so none of its ancestors) are left out.
 
     Example:
         >>> value_ranges(n2n.load_model("recipes/mlp.safetensors", "recipes/mlp.yaml"))["relu1"]
@@ -105,20 +116,26 @@ def value_ranges(model) -> dict:
     for node in arch.nodes:
         op = get_op(node.op)
         ranges[node.name] = op.value_range([ranges[i] for i in node.inputs], node.resolved_attrs())
+        if node.name == upto:
+            break
     return ranges
 
 
 def is_identity_on(activation: Optional[str], attrs: dict, r: Interval) -> bool:
-    """Whether φ(v) = v for every v in `r` (``None`` is no activation: always)."""
+    """Whether φ(v) = v for every v in `r` (``None`` is no activation: always), as φ's OpDef
+    says (``activation.identity_on``). `attrs` as written; defaults are filled in here."""
     if activation is None:
         return True
-    if activation == "relu":
-        return r.lo >= 0
-    if activation == "relu6":
-        return r.lo >= 0 and r.hi <= 6
-    if activation == "leaky_relu":
-        return r.lo >= 0 or attrs.get("negative_slope", 0.01) == 1.0
-    return False  # sigmoid, tanh, silu, gelu: φ(v) ≠ v away from (at most) one point
+    op = get_op(activation)
+    if op is None or op.activation is None:
+        return False
+    return op.activation.identity_on(_resolve(op, attrs), r)
+
+
+def _resolve(op, attrs: dict) -> dict:
+    out = {k: a.default for k, a in op.attrs.items()}
+    out.update({k: op.attrs[k].parse(v) if k in op.attrs else v for k, v in attrs.items()})
+    return out
 
 
 # --------------------------------------------------------------------------------- the surgery
@@ -178,11 +195,13 @@ def deepen(
         raise N2NError(f"--op must be one of {', '.join(OPS)}, got {op!r}{did_you_mean(str(op), OPS)}")
     shape = tuple(model.shapes[after])
     residual = op == "residual"
-    layer_op = _pick_layer_op(op, shape, after)
-    uses_conv = layer_op.startswith("conv")
+    layer_def = _pick_layer_op(op, shape, after)
+    layer_op = layer_def.name
+    uses_conv = layer_def.insert.kernel
     _check_kernel(kernel_size, uses_conv, layer_op)
-    width = shape[0] if uses_conv else shape[-1]
-    if batchnorm and not uses_conv and len(shape) > 1:
+    axis = layer_def.units.axis(shape, {})  # an identity layer's output has its input's shape
+    width = shape[axis]
+    if batchnorm and axis != 0:
         # batchnorm works on axis 0 of a sample (channels); this linear layer works on the last.
         raise N2NError(
             f"--batchnorm normalises the channel axis, but a linear layer on {after!r} "
@@ -191,19 +210,19 @@ def deepen(
     _check_hidden(hidden, residual)
     phi, phi_attrs = _pick_activation(arch, after, activation, residual)
 
-    ranges = value_ranges(model)
+    ranges = value_ranges(model, upto=after)
     if not residual and not is_identity_on(phi, phi_attrs, ranges[after]):
         raise N2NError(_not_exact_message(after, phi, ranges[after]))
 
     dtype = _param_dtype(model)
-    _check_memory(after, layer_op, width, hidden or width if residual else None, kernel_size, dtype)
-    names = _plan_names(model, after, name, residual, uses_conv, phi, batchnorm)
+    _check_memory(after, layer_def, width, hidden or width if residual else None, kernel_size, dtype)
+    names = _plan_names(model, after, name, residual, layer_def.insert.short, phi, batchnorm)
     if residual:
         nodes, tensors, layer = _residual_branch(
-            after, names, layer_op, width, hidden or width, kernel_size, phi, phi_attrs, batchnorm, dtype, seed
+            after, names, layer_def, width, hidden or width, kernel_size, phi, phi_attrs, batchnorm, dtype, seed
         )
     else:
-        nodes, tensors, layer = _identity_layer(after, names, layer_op, width, kernel_size, phi, phi_attrs, batchnorm, dtype)
+        nodes, tensors, layer = _identity_layer(after, names, layer_def, width, kernel_size, phi, phi_attrs, batchnorm, dtype)
 
     new_arch, rewired, outputs = _insert(arch, after, nodes)
     args = {
@@ -215,7 +234,15 @@ def deepen(
         "hidden": hidden,
         "name": names["base"],  # the --name that reproduces this step
     }
-    student = model.replace(arch=new_arch, tensors=model.tensors.with_changes(tensors), step=history_step("deepen", args, seed))
+    # Old nodes keep their parameters and shapes (the new layers keep `after`'s shape), so only
+    # the new nodes are checked: a long recipe of deepen steps stays linear in its step count.
+    known = {n: s for n, s in model.shapes.items() if n not in model.arch.inputs}
+    student = model.replace(arch=new_arch, tensors=model.tensors.with_changes(tensors), step=history_step("deepen", args, seed),
+                            known_shapes=known)
+    # What the student adds is known here: no need to count the whole graph again.
+    before = model.parameter_count()
+    student.remember("parameter_count", before + sum(t.numel() for t in tensors.values() if t.dtype.is_floating_point))
+    student.remember("param_dtype", dtype)  # new tensors are all `dtype`: the most common one stays it
     report = DeepenReport(
         after=after,
         op="residual" if residual else layer_op,
@@ -234,7 +261,7 @@ def deepen(
         arch={
             "nodes_before": len(arch.nodes),
             "nodes_after": len(new_arch.nodes),
-            "parameters_before": model.parameter_count(),
+            "parameters_before": before,
             "parameters_after": student.parameter_count(),
         },
     )
@@ -261,23 +288,25 @@ def _check_after(arch: Architecture, after: str) -> None:
     )
 
 
-def _pick_layer_op(op: str, shape: tuple, after: str) -> str:
-    """The op of the new layer (the W1 of a residual branch): linear or convNd."""
+def _pick_layer_op(op: str, shape: tuple, after: str):
+    """The OpDef of the new layer (the W1 of a residual branch): the registry's op for the --op
+    word ("linear", or "conv" of the value's rank) that can read `shape`."""
     rank = len(shape)
     what = f"{after!r} has shape {fmt_shape(shape)} per sample"
     if rank == 0:
         raise N2NError(f"cannot deepen after {after!r}: its value is a scalar per sample, and no layer fits it")
     if op == "linear":
-        return "linear"  # over the last axis, like torch.nn.Linear: exact for any rank
+        return insertable("linear", shape)  # over the last axis, like torch.nn.Linear: exact for any rank
+    conv = insertable("conv", shape)
     if op == "conv":
-        if rank not in _CONV_BY_RANK:
+        if conv is None:
             alt = "use --op linear" if rank == 1 else "use --op linear (it acts on the last axis)"
             raise N2NError(f"--op conv needs a value [channels, 1 to 3 spatial axes], but {what}; {alt}")
-        return _CONV_BY_RANK[rank]
+        return conv
     if rank == 1:
-        return "linear"
-    if rank in _CONV_BY_RANK:
-        return _CONV_BY_RANK[rank]
+        return insertable("linear", shape)
+    if conv is not None:
+        return conv
     alt = "use --op linear (it acts on the last axis)" if op == "auto" else "deepen after a node with 1 to 4 axes"
     raise N2NError(
         f"--op {op} has no layer for {after!r}, whose value has shape {fmt_shape(shape)} per sample "
@@ -315,13 +344,13 @@ def _pick_activation(arch: Architecture, after: str, activation: Optional[str], 
     if activation is None:
         if residual:
             return "relu", {}
-        if source is not None and source.op in ACTIVATIONS:
+        if source is not None and source.op in activations():
             return source.op, dict(source.attrs)
         return None, {}
     if activation == "none":
         return None, {}
-    if activation not in ACTIVATIONS:
-        choices = ACTIVATIONS + ("none",)
+    if activation not in activations():
+        choices = activations() + ("none",)
         raise N2NError(
             f"--activation must be one of {', '.join(choices)}, got {activation!r}{did_you_mean(activation, choices)}"
         )
@@ -333,12 +362,12 @@ def _pick_activation(arch: Architecture, after: str, activation: Optional[str], 
 
 def _not_exact_message(after: str, phi: str, r: Interval) -> str:
     alternatives = "use --op residual (exact after any value) or --activation none"
-    if phi in _NEVER_IDEMPOTENT:
+    need = get_op(phi).activation.where
+    if need is None:  # φ(v) = v nowhere useful (sigmoid, tanh, silu, gelu)
         return (
             f"an identity layer followed by {phi} after {after!r} would change the function, because "
             f"{phi}(v) ≠ v for the values {after!r} produces ({r}); {alternatives}"
         )
-    need = {"relu": "v ≥ 0", "relu6": "0 ≤ v ≤ 6", "leaky_relu": "v ≥ 0"}[phi]
     return (
         f"an identity layer followed by {phi} after {after!r} is not exact: {phi}(v) = v only for {need}, "
         f"but {after!r} can produce values in {r}; {alternatives}"
@@ -348,7 +377,7 @@ def _not_exact_message(after: str, phi: str, r: Interval) -> str:
 # ----------------------------------------------------------------------------------- naming
 
 
-def _plan_names(model, after: str, name: Optional[str], residual: bool, uses_conv: bool, phi, batchnorm: bool) -> dict:
+def _plan_names(model, after: str, name: Optional[str], residual: bool, short: str, phi, batchnorm: bool) -> dict:
     """Names of every new node: {"layer", "bn", "act", "out" (residual W2), "last"}, and "base".
 
     ``last`` is the node whose value replaces `after` for its consumers.
@@ -357,8 +386,7 @@ def _plan_names(model, after: str, name: Optional[str], residual: bool, uses_con
     def plan(base: str) -> dict:
         if residual:
             # Dotted, like the state_dict of a torch submodule: NEW.fc1.weight, NEW.bn.running_var.
-            kind = "conv" if uses_conv else "fc"
-            names = {"base": base, "layer": f"{base}.{kind}1", "out": f"{base}.{kind}2", "last": base}
+            names = {"base": base, "layer": f"{base}.{short}1", "out": f"{base}.{short}2", "last": base}
             if batchnorm:
                 names["bn"] = f"{base}.bn"
             if phi is not None:
@@ -371,10 +399,12 @@ def _plan_names(model, after: str, name: Optional[str], residual: bool, uses_con
             names["act"] = names["last"] = f"{base}_{phi}"
         return names
 
+    names_in_use = {n.name for n in model.arch.nodes}  # O(1) lookups for the candidates below
+
     def taken(names: dict) -> Optional[str]:
         """The first planned name (or tensor key) already in the model, else None."""
         for n in dict.fromkeys(names.values()):
-            if n in model.arch.inputs or model.arch.has_node(n):
+            if n in model.arch.inputs or n in names_in_use:
                 return n
             for role in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
                 if f"{n}.{role}" in model.tensors:
@@ -395,7 +425,7 @@ def _plan_names(model, after: str, name: Optional[str], residual: bool, uses_con
         return names
     # Deepening after a node an earlier deepen made continues its numbering: relu1_deep_relu
     # gives relu1_deep2, not relu1_deep_relu_deep.
-    root = _DEFAULT_NAME.match(after)
+    root = _default_name().match(after)
     stem = root.group(1) if root else after
     for i in range(1, 10_000):
         names = plan(f"{stem}_deep" if i == 1 else f"{stem}_deep{i}")
@@ -409,6 +439,10 @@ def _plan_names(model, after: str, name: Optional[str], residual: bool, uses_con
 
 def _param_dtype(model) -> torch.dtype:
     """The floating dtype most of the model's parameter tensors have (float32 when none)."""
+    return model.memo("param_dtype", lambda: _count_param_dtype(model))
+
+
+def _count_param_dtype(model) -> torch.dtype:
     counts = Counter()
     seen = set()
     for node in model.arch.nodes:
@@ -425,48 +459,23 @@ def _param_dtype(model) -> torch.dtype:
     return max(counts, key=lambda dt: (counts[dt], -order.index(dt) if dt in order else -99))
 
 
-def _layer_node(name: str, layer_op: str, src: str, kernel_size: int) -> Node:
-    attrs = {"padding": kernel_size // 2} if layer_op.startswith("conv") else {}
-    return Node(name=name, op=layer_op, inputs=[src], attrs=attrs)
-
-
-def _identity_weight(layer_op: str, width: int, kernel_size: int) -> torch.Tensor:
-    """Identity matrix [w, w], or the centred delta kernel [w, w, k, ...] (all in float32)."""
-    if layer_op == "linear":
-        return torch.eye(width, dtype=torch.float32)
-    nd = int(layer_op[4])
-    w = torch.zeros((width, width) + (kernel_size,) * nd, dtype=torch.float32)
-    centre = (kernel_size // 2,) * nd  # 0-indexed centre: k//2, never k//2 + 1 (GUIDE 3)
-    idx = torch.arange(width)
-    w[(idx, idx) + centre] = 1.0
-    return w
+def _layer_node(name: str, layer_def, src: str, kernel_size: int) -> Node:
+    return Node(name=name, op=layer_def.name, inputs=[src], attrs=layer_def.insert.attrs(kernel_size))
 
 
 def _identity_batchnorm(name: str, src: str, width: int, dtype: torch.dtype) -> tuple:
-    """A batchnorm that is the identity at inference, and its tensors.
-
-    ``(x − 0) / sqrt((1 − eps) + eps) · 1 + 0``: var + eps is exactly 1 in float32 and float64,
-    so the scale is exactly 1 (in float16/bfloat16 var rounds to 1 and the scale is 1 − 5e-6).
-    """
-    node = Node(name=name, op="batchnorm", inputs=[src])
-    tensors = {
-        f"{name}.weight": torch.ones(width, dtype=dtype),
-        f"{name}.bias": torch.zeros(width, dtype=dtype),
-        f"{name}.running_mean": torch.zeros(width, dtype=dtype),
-        f"{name}.running_var": torch.full((width,), 1.0 - _BN_EPS, dtype=torch.float64).to(dtype),
-        f"{name}.num_batches_tracked": torch.zeros((), dtype=torch.int64),
-    }
+    """A norm that is the identity at inference (its OpDef's ``insert.identity``), and its tensors."""
+    norm = insertable(_NORM_WORD)
+    node = Node(name=name, op=norm.name, inputs=[src])
+    tensors = {f"{name}.{role}": t for role, t in norm.insert.identity(width, None, dtype).items()}
     return node, tensors
 
 
-def _identity_layer(after, names, layer_op, width, kernel_size, phi, phi_attrs, batchnorm, dtype) -> tuple:
+def _identity_layer(after, names, layer_def, width, kernel_size, phi, phi_attrs, batchnorm, dtype) -> tuple:
     """Nodes and tensors of ``φ(bn(I · h))``; returns (nodes, tensors, layer name)."""
     layer = names["layer"]
-    nodes = [_layer_node(layer, layer_op, after, kernel_size)]
-    tensors = {
-        f"{layer}.weight": _identity_weight(layer_op, width, kernel_size).to(dtype),
-        f"{layer}.bias": torch.zeros(width, dtype=dtype),
-    }
+    nodes = [_layer_node(layer, layer_def, after, kernel_size)]
+    tensors = {f"{layer}.{role}": t for role, t in layer_def.insert.identity(width, kernel_size, dtype).items()}
     if batchnorm:
         bn, bn_tensors = _identity_batchnorm(names["bn"], nodes[-1].name, width, dtype)
         nodes.append(bn)
@@ -485,13 +494,13 @@ def _kaiming_uniform(shape: tuple, gen: torch.Generator) -> tuple:
     return weight, bias
 
 
-def _residual_branch(after, names, layer_op, width, hidden, kernel_size, phi, phi_attrs, batchnorm, dtype, seed) -> tuple:
+def _residual_branch(after, names, layer_def, width, hidden, kernel_size, phi, phi_attrs, batchnorm, dtype, seed) -> tuple:
     """Nodes and tensors of ``h + W2 · φ(bn(W1 · h))`` with W2 = 0; returns (nodes, tensors, W1's name)."""
-    spatial = (kernel_size,) * int(layer_op[4]) if layer_op.startswith("conv") else ()
+    weight_shape = layer_def.insert.weight_shape
     first, second = names["layer"], names["out"]
     gen = torch.Generator().manual_seed(seed)
-    w1, b1 = _kaiming_uniform((hidden, width) + spatial, gen)
-    nodes = [_layer_node(first, layer_op, after, kernel_size)]
+    w1, b1 = _kaiming_uniform(weight_shape(hidden, width, kernel_size), gen)
+    nodes = [_layer_node(first, layer_def, after, kernel_size)]
     tensors = {f"{first}.weight": w1.to(dtype), f"{first}.bias": b1.to(dtype)}
     if batchnorm:
         bn, bn_tensors = _identity_batchnorm(names["bn"], first, hidden, dtype)
@@ -499,11 +508,11 @@ def _residual_branch(after, names, layer_op, width, hidden, kernel_size, phi, ph
         tensors.update(bn_tensors)
     if phi is not None:
         nodes.append(Node(name=names["act"], op=phi, inputs=[nodes[-1].name], attrs=dict(phi_attrs)))
-    nodes.append(_layer_node(second, layer_op, nodes[-1].name, kernel_size))
+    nodes.append(_layer_node(second, layer_def, nodes[-1].name, kernel_size))
     # W2 = 0 and a zero bias: the branch adds exactly 0, whatever φ and W1 compute.
-    tensors[f"{second}.weight"] = torch.zeros((width, hidden) + spatial, dtype=dtype)
+    tensors[f"{second}.weight"] = torch.zeros(weight_shape(width, hidden, kernel_size), dtype=dtype)
     tensors[f"{second}.bias"] = torch.zeros(width, dtype=dtype)
-    nodes.append(Node(name=names["last"], op="add", inputs=[after, second]))
+    nodes.append(Node(name=names["last"], op=insertable(_SUM_WORD).name, inputs=[after, second]))
     return nodes, tensors, first
 
 
@@ -527,12 +536,13 @@ def _insert(arch: Architecture, after: str, nodes: list) -> tuple:
     return new, rewired, outputs
 
 
-def _check_memory(after: str, layer_op: str, width: int, hidden: Optional[int], kernel_size: int, dtype) -> None:
+def _check_memory(after: str, layer_def, width: int, hidden: Optional[int], kernel_size: int, dtype) -> None:
     """Refuse a new layer whose weights would not fit in memory, before building any of them
     (a huge --hidden or --kernel-size, or an identity matrix over a very wide value)."""
     from .guards import check_allocation
 
-    taps = kernel_size ** int(layer_op[4]) if layer_op.startswith("conv") else 1
+    layer_op = layer_def.name
+    taps = math.prod(layer_def.insert.weight_shape(1, 1, kernel_size))  # kernel taps per weight
     elements = width * (hidden or width) * taps  # one weight; a residual branch has two
     total = elements * (2 if hidden else 1) * dtype.itemsize + elements * 4  # + the float32 build
     what = f"deepening after {after!r} with a {layer_op} layer of {elements} weights"

@@ -10,14 +10,14 @@ from .ops import get_op
 def _deepen_after(model, node, ranges) -> str:
     """What `n2n deepen --after NODE` can insert by default: an identity layer (exact with the
     default activation on this node's values) or only a zero-initialised residual branch."""
-    from .deepen import ACTIVATIONS, is_identity_on
+    from .deepen import is_identity_on
 
     rank = len(model.shapes[node.name])
     if rank == 0:
         return "no"  # a scalar per sample: no layer fits it
     if rank > 4:
         return "--op linear"  # no conv of that rank; a linear layer over the last axis still fits
-    phi = node.op if node.op in ACTIVATIONS else None
+    phi = node.op if get_op(node.op).activation is not None else None
     if not is_identity_on(phi, node.resolved_attrs(), ranges[node.name]):
         return "residual"
     return f"identity+{phi}" if phi else "identity"
@@ -30,9 +30,9 @@ def describe(model) -> dict:
     coupled group of layers that widen together, or why not) and what can be inserted after it.
     """
     from .deepen import value_ranges
-    from .widen import PRODUCER_OPS
 
     ranges = value_ranges(model)
+    groups: dict = {}  # layer -> the group it was found in: its partners need no walk of their own
     nodes = []
     keys = set()
     for node in model.arch.nodes:
@@ -55,7 +55,7 @@ def describe(model) -> dict:
                 "output_shape": list(model.shapes[node.name]),
                 "params": params,
                 "param_count": count,
-                "widen": _widen_info(model, node) if node.op in PRODUCER_OPS else None,
+                "widen": _widen_info(model, node, groups) if get_op(node.op).units is not None else None,
                 "deepen_after": _deepen_after(model, node, ranges),
             }
         )
@@ -74,8 +74,18 @@ def describe(model) -> dict:
     }
 
 
-def _widen_info(model, node) -> dict:
+def _widen_info(model, node, groups: dict) -> dict:
+    """The layers that widen with `node`, or why it cannot be widened. A layer found in an
+    earlier layer's group widens with the same layers (they share one unit space), so the
+    residual stream of a deep model is walked once, not once per layer on it."""
     from .widen import widen_group
 
+    if node.name in groups:
+        found = groups[node.name]
+        return {"group": [node.name] + sorted(found - {node.name})}
     group, refused = widen_group(model, node.name)
-    return {"group": group} if refused is None else {"refused": refused}
+    if refused is not None:
+        return {"refused": refused}
+    for name in group:
+        groups[name] = frozenset(group)
+    return {"group": group}

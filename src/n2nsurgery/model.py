@@ -128,8 +128,13 @@ class Model:
         key = node.param_key(role)
         return self.tensors.shape(key) if key in self.tensors else None
 
-    def replace(self, arch: Optional[Architecture] = None, tensors: Optional[TensorStore] = None, step: Optional[dict] = None) -> "Model":
-        """A new, checked model with a new architecture and/or tensors, and `step` appended to history."""
+    def replace(self, arch: Optional[Architecture] = None, tensors: Optional[TensorStore] = None, step: Optional[dict] = None,
+                known_shapes: Optional[Mapping] = None) -> "Model":
+        """A new, checked model with a new architecture and/or tensors, and `step` appended to history.
+
+        `known_shapes`: nodes whose parameters and output shapes the caller guarantees unchanged
+        (deepen: every old node), taken as they are instead of checked again; new nodes are checked.
+        """
         m = Model(
             arch=arch if arch is not None else self.arch,
             tensors=tensors if tensors is not None else self.tensors,
@@ -137,7 +142,10 @@ class Model:
             metadata=dict(self.metadata),
             source=self.source,
         )
-        return m.check()
+        if known_shapes is None:
+            return m.check()
+        m.shapes = infer_shapes(m.arch, m.tensors, m.source, known=known_shapes)
+        return m
 
     def float_dtypes(self) -> set:
         """The floating dtypes of all parameters the graph uses."""
@@ -154,16 +162,74 @@ class Model:
         batchnorm's num_batches_tracked are not parameters)."""
         import math
 
-        keys = {node.param_key(r) for node in self.arch.nodes for r in get_op(node.op).params}
-        return sum(
-            math.prod(self.tensors.shape(k)) for k in keys if k in self.tensors and self.tensors.dtype(k).is_floating_point
-        )
+        def count() -> int:
+            keys = {node.param_key(r) for node in self.arch.nodes for r in get_op(node.op).params}
+            return sum(
+                math.prod(self.tensors.shape(k)) for k in keys if k in self.tensors and self.tensors.dtype(k).is_floating_point
+            )
+
+        # Reports ask it of each model twice or more (a long recipe: as the student of one step
+        # and the teacher of the next).
+        return self.memo("parameter_count", count)
+
+    # Facts derived from the whole graph, cached while the architecture and store objects (and
+    # their sizes) are the same ones, so a long recipe does not recompute them at every step.
+    def _stamp(self) -> tuple:
+        return (id(self.arch), id(self.arch.nodes), len(self.arch.nodes), id(self.tensors), len(self.tensors.changes))
+
+    def memo(self, name: str, compute):
+        """`compute()`, cached under `name` for this model as it is now."""
+        hit = self.__dict__.get("_memo_" + name)
+        if hit is not None and hit[0] == self._stamp():
+            return hit[1]
+        value = compute()
+        self.remember(name, value)
+        return value
+
+    def remember(self, name: str, value) -> None:
+        """Record a derived fact the caller computed more cheaply (a surgery knows what it added)."""
+        self.__dict__["_memo_" + name] = (self._stamp(), value)
 
 
-def infer_shapes(arch: Architecture, tensors: TensorStore, source: str = "<model>") -> dict:
-    """One-sample output shape of every node; rejects missing or wrongly shaped parameters."""
+class GraphIndex:
+    """Lookups the graph walks need, built once per architecture (not once per walk).
+
+    ``by_name``: node name -> node. ``readers``: value -> [(node, input index)] in node order.
+    ``key_users``: checkpoint key -> [(node, role)] of every node whose parameter is that key
+    (two or more: a tied tensor).
+    """
+
+    def __init__(self, arch: Architecture):
+        self.by_name = {n.name: n for n in arch.nodes}
+        self.readers: dict = {}
+        self.key_users: dict = {}
+        for n in arch.nodes:
+            for i, src in enumerate(n.inputs):
+                self.readers.setdefault(src, []).append((n, i))
+            for role in get_op(n.op).params:
+                self.key_users.setdefault(n.param_key(role), []).append((n, role))
+
+
+def graph_index(model: "Model") -> GraphIndex:
+    """The model's :class:`GraphIndex`, cached while its architecture object and node count stay
+    the same (surgery builds new models; an index of a changed graph is rebuilt)."""
+    stamp = (id(model.arch), id(model.arch.nodes), len(model.arch.nodes))
+    cached = model.__dict__.get("_graph_index")
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, GraphIndex(model.arch))
+        model.__dict__["_graph_index"] = cached
+    return cached[1]
+
+
+def infer_shapes(arch: Architecture, tensors: TensorStore, source: str = "<model>", known: Optional[Mapping] = None) -> dict:
+    """One-sample output shape of every node; rejects missing or wrongly shaped parameters.
+
+    Nodes named in `known` take the shape given there unchecked (see :meth:`Model.replace`)."""
     shapes = {name: tuple(spec.shape) for name, spec in arch.inputs.items()}
     for node in arch.nodes:
+        if known is not None and node.name in known:
+            shapes[node.name] = known[node.name]
+            continue
         op = get_op(node.op)
         pshapes = {}
         for role, spec in op.params.items():

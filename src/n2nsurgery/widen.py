@@ -2,22 +2,29 @@
 
 How a widening works (GUIDE 2, after Torch-Pruning's DepGraph):
 
-1. Draw ONE :class:`UnitMap` for the layer's new width: new unit ``j`` copies old unit
-   ``src[j]`` (the first ``n`` map to themselves, the extra ones pick uniformly at random with
-   replacement), and ``share[j]`` is the part of the old unit's outgoing weight that replica ``j``
-   carries (``1/count`` for ``--split equal``; random proportions summing to one for
-   ``--split random``).
-2. *Collect the coupled group.* Assigning the map to the layer's output value starts a walk over
-   the graph: each op's ``widen`` rule (in its definition in :mod:`n2nsurgery.ops`) says what an
-   assigned input or output means for it — pass the map through (activations, batchnorm, pooling,
-   depthwise convs), pull other producers in (the other operands of ``add``/``mul``), derive a new
-   map (``concat`` shifts it by the segment offset, ``flatten`` expands it into blocks), absorb it
-   (a consumer's input weights), or refuse. Every value ends up with at most one map; a second,
-   different map for the same value is a coupling we cannot honour, and is refused.
-3. Only when the whole group is known are tensors touched: each recorded remap gathers the
-   original tensor with its map (rows of producers, columns of consumers scaled by ``share``).
+1. *Collect the coupled group and its constraints.* Assigning a layout to the layer's output
+   value starts a walk over the graph: each op's ``widen`` rule (in its definition in
+   :mod:`n2nsurgery.ops`) says what an assigned input or output means for it — pass the units
+   through (activations, batchnorm, pooling, depthwise convs), pull other producers in (the other
+   operands of ``add``/``mul``), derive a new layout (``concat`` shifts it by the segment offset,
+   ``flatten`` expands it into blocks), absorb it (a consumer's input weights), or refuse. Every
+   member also says what it requires of the unit space (:class:`~n2nsurgery.ops.units.Constraint`:
+   the fill modes it stays exact under, from its OpDef's ``fill_modes`` and its rule's
+   :meth:`WidenContext.constrain` calls, and the block size its units come in).
+2. *Draw one map last.* :func:`~n2nsurgery.ops.units.choose_fill` picks the fill mode every
+   member allows (``copy``, the paper's rule, whenever it is allowed), or refuses naming the
+   member that forbids the rest; then ONE :class:`UnitMap` is drawn for the layer's new width:
+   in ``copy`` mode new unit ``j`` copies old unit ``src[j]`` (the first ``n`` map to themselves,
+   the extra ones pick uniformly at random with replacement), and ``share[j]`` is the part of the
+   old unit's outgoing weight that replica ``j`` carries (``1/count`` for ``--split equal``;
+   random proportions summing to one for ``--split random``).
+3. The walk is run again with that map, recording every remap; a second, different map for the
+   same value is a coupling we cannot honour, and is refused. Only then are tensors touched: each
+   recorded remap gathers the original tensor with its map (rows of producers, columns of
+   consumers scaled by ``share``; new rows zero or averaged in those fill modes).
 
-Nothing is guessed: an op without a widening rule refuses.
+Nothing is guessed: an op without a widening rule refuses. The vocabulary (maps, events,
+constraints) lives in :mod:`n2nsurgery.ops.units`, below both this module and the op rules.
 """
 
 from __future__ import annotations
@@ -32,126 +39,82 @@ import torch
 
 from .checkpoint import LazyTensor
 from .errors import N2NError, did_you_mean
+from .model import graph_index
 from .ops import get_op
+from .ops.units import FILL_MODES, Constraint, Event, PlanError, UnitMap, UnitSpace, choose_fill
 from .surgery import history_step
 
+__all__ = ["UnitMap", "Event", "WidenContext", "WidenReport", "plan_group", "widen", "widen_group", "unit_axis"]
+
 SPLITS = ("equal", "random")
-PRODUCER_OPS = ("linear", "conv1d", "conv2d", "conv3d")
 
 
 @dataclass(frozen=True)
-class UnitMap:
-    """How the units along one axis of one value are laid out after the widening.
+class Remap:
+    """One recorded remap of one tensor along one dim (see :data:`REMAP_KINDS`).
 
-    ``src[j]``: the old unit that new unit ``j`` copies. ``share[j]``: the fraction of that old
-    unit's outgoing weight which unit ``j`` carries (replicas of one unit sum to 1). ``new[j]``:
-    whether unit ``j`` is an added replica (noise goes there, never on an original unit).
+    ``scale_old``: factor on the old units' entries (a norm's γ × √(n/q), say); ``new_value``:
+    the value of the new units' entries, when they are not gathered (a new γ or β of 0).
     """
 
-    src: torch.Tensor  # int64 [new_size]
-    share: torch.Tensor  # float64 [new_size]
-    new: torch.Tensor  # bool [new_size]
-    old_size: int
-
-    @property
-    def size(self) -> int:
-        return int(self.src.numel())
-
-    @staticmethod
-    def identity(n: int) -> "UnitMap":
-        return UnitMap(torch.arange(n), torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool), n)
-
-    @staticmethod
-    def draw(n: int, width: int, split: str, gen: torch.Generator) -> "UnitMap":
-        """The paper's random map g for n → width units, with the outgoing shares for `split`."""
-        extra = torch.randint(0, n, (width - n,), generator=gen)
-        src = torch.cat([torch.arange(n), extra])
-        counts = torch.bincount(src, minlength=n).to(torch.float64)
-        if split == "equal":
-            share = 1.0 / counts[src]
-        else:  # random proportions in each replica group, summing to one: exact, breaks symmetry
-            weight = torch.rand(width, generator=gen, dtype=torch.float64) + 0.5
-            total = torch.zeros(n, dtype=torch.float64).index_add_(0, src, weight)
-            share = weight / total[src]
-        new = torch.arange(width) >= n
-        return UnitMap(src, share, new, n)
-
-    def same_as(self, other: "UnitMap") -> bool:
-        return (
-            self.old_size == other.old_size
-            and torch.equal(self.src, other.src)
-            and torch.equal(self.share, other.share)
-            and torch.equal(self.new, other.new)
-        )
-
-    @staticmethod
-    def cat(parts: list) -> "UnitMap":
-        """Maps of consecutive segments (each indexing its own segment) as one map of the whole."""
-        offset, srcs, shares, news = 0, [], [], []
-        for m in parts:
-            srcs.append(m.src + offset)
-            shares.append(m.share)
-            news.append(m.new)
-            offset += m.old_size
-        return UnitMap(torch.cat(srcs), torch.cat(shares), torch.cat(news), offset)
-
-    def along(self, old_dims: tuple, axis: int) -> "UnitMap":
-        """This map applied to `axis` of a block of `old_dims`, flattened (row-major), as flatten does.
-
-        E.g. channels of a [C, H, W] map flattened into C·H·W features: unit c owns the features
-        [c·H·W, (c+1)·H·W), and the new layout keeps that block structure for any H and W.
-        """
-        new_dims = list(old_dims)
-        new_dims[axis] = self.size
-        index = torch.arange(math.prod(old_dims)).reshape(old_dims).index_select(axis, self.src)
-        view = [1] * len(old_dims)
-        view[axis] = self.size
-        share = self.share.reshape(view).expand(new_dims)
-        new = self.new.reshape(view).expand(new_dims)
-        return UnitMap(index.reshape(-1), share.reshape(-1).clone(), new.reshape(-1).clone(), math.prod(old_dims))
-
-
-@dataclass(frozen=True)
-class Event:
-    """What happened to a node: its input `index` (kind "input") or its output (kind "output")
-    was assigned `map` along `axis` (an index into the one-sample shape)."""
-
-    kind: str
-    index: Optional[int]
-    axis: int
     map: UnitMap
+    kind: str
+    node: str
+    scale_old: float = 1.0
+    new_value: Optional[float] = None
+
+    def plain(self) -> bool:
+        return self.scale_old == 1.0 and self.new_value is None and self.map.fill in ("copy", "tile")
 
 
 # How a recorded remap treats the original tensor along one dim:
-#   "rows": a producer's outgoing units — gather, and noise on new replicas;
+#   "rows": a producer's outgoing units — gather (zero or average new rows in those fill modes),
+#           and noise on new replicas;
 #   "copy": per-unit state that replicas share unchanged (batchnorm statistics, depthwise kernels);
 #   "cols": a consumer's incoming weights — gather and multiply by the replica's share.
 REMAP_KINDS = ("rows", "copy", "cols")
 
 
 class WidenContext:
-    """The coupled-group walk. Op rules call :meth:`assign`, :meth:`remap`, :meth:`set_attr`,
-    :meth:`defer` and :meth:`refuse`; nothing is changed until the walk is complete."""
+    """The coupled-group walk, and the API op rules call (nothing else of it is theirs to read).
+
+    Rule API:
+        :meth:`shape` (one-sample shape of a value), :meth:`attrs` (a node's resolved
+        attributes), :meth:`map_of` (the layout assigned to a value so far), :meth:`assign` (a
+        value gets a layout: the walk goes on from there), :meth:`remap` (a parameter follows a
+        layout), :meth:`set_attr` (an attribute changes with the width), :meth:`constrain` (what
+        this member requires of the unit space), :meth:`defer` (run once the rest of the walk is
+        done) and :meth:`refuse`. Nothing is changed until the walk is complete.
+    """
 
     def __init__(self, model, layer: str):
         self.model = model
         self.arch = model.arch
         self.layer = layer
-        self.assigned: dict = {}  # value -> (axis, UnitMap)
-        self.remaps: dict = {}  # tensor key -> {dim: (UnitMap, kind, node name)}
+        self.assigned: dict = {}  # value -> (axis, UnitMap); rules use map_of()
+        self.remaps: dict = {}  # tensor key -> {dim: Remap}
         self.attr_changes: dict = {}  # node -> {attr: value}
-        self.members: list = []  # nodes the walk touched, in order
+        self._members: dict = {}  # nodes the walk touched, in order (a dict: O(1) membership)
+        self.constraints: list = []  # Constraint per member, in the order the walk met them
         self._queue: deque = deque()
         self._deferred: dict = {}  # key -> callable, run once the queue is empty
         self._current: Optional[str] = None  # the node whose rule is running
         self._origin: dict = {}  # value -> the node whose rule assigned it (not told again)
         self._remapped_by: dict = {}  # tensor key -> nodes whose rules remapped it (tied tensors)
-        self.producers: list = []  # layers whose output units the walk widened (rows remapped)
-        self._by_name = {n.name: n for n in self.arch.nodes}
-        self._readers: dict = {}
-        for n in self.arch.nodes:
-            for i, src in enumerate(n.inputs):
-                self._readers.setdefault(src, []).append((n, i))
+        self._tie_checked: set = set()  # tensor keys whose ties were already pulled in
+        self._producers: dict = {}  # layers whose output units the walk widened (rows remapped)
+        graph = graph_index(model)
+        self._by_name = graph.by_name
+        self._readers = graph.readers
+        self._key_users = graph.key_users
+
+    @property
+    def members(self) -> list:
+        return list(self._members)
+
+    @property
+    def producers(self) -> list:
+        return list(self._producers)
 
     # ------------------------------------------------------------------ used by op rules
 
@@ -161,9 +124,19 @@ class WidenContext:
     def attrs(self, node) -> dict:
         return node.resolved_attrs()
 
+    def map_of(self, value: str) -> Optional[tuple]:
+        """``(axis, UnitMap)`` assigned to `value` so far, or None."""
+        return self.assigned.get(value)
+
     def refuse(self, node, reason: str):
         name = node if isinstance(node, str) else node.name
         raise N2NError(f"cannot widen {self.layer!r} exactly: at node {name!r}, {reason}")
+
+    def constrain(self, node, modes=None, block: int = 1, why: str = "") -> None:
+        """This member stays exact only under fill `modes` (None: any), and its units come in
+        blocks of `block` rows of the widened layer."""
+        name = node if isinstance(node, str) else node.name
+        self.constraints.append(Constraint(name, frozenset(modes) if modes is not None else None, block, why))
 
     def assign(self, value: str, axis: int, umap: UnitMap) -> None:
         """Value `value` has `umap` along `axis`. Idempotent; a different map is a conflict."""
@@ -189,25 +162,29 @@ class WidenContext:
         self._origin[value] = self._current
         self._queue.append(value)
 
-    def remap(self, node, role: str, dim: int, umap: UnitMap, kind: str) -> None:
-        """Record that parameter `role` of `node` is remapped along `dim` (absent optional: skipped)."""
+    def remap(self, node, role: str, dim: int, umap: UnitMap, kind: str, *, scale_old: float = 1.0, new_value: Optional[float] = None) -> None:
+        """Record that parameter `role` of `node` is remapped along `dim` (absent optional: skipped).
+
+        `scale_old` multiplies the old units' entries; `new_value`, when given, is the new units'
+        entries instead of gathers (see :class:`Remap`)."""
         assert kind in REMAP_KINDS
         key = node.param_key(role)
         if key not in self.model.tensors:
             return
         self._remapped_by.setdefault(key, set()).add(node.name)
-        if kind == "rows" and node.name not in self.producers:
-            self.producers.append(node.name)  # its units are the group's units (a tied twin too)
+        if kind == "rows":
+            self._producers.setdefault(node.name)  # its units are the group's units (a tied twin too)
         dims = self.remaps.setdefault(key, {})
+        entry = Remap(umap, kind, node.name, float(scale_old), new_value)
         if dim in dims:
-            old_map, old_kind, _ = dims[dim]
-            if old_kind == kind and old_map.same_as(umap):
+            old = dims[dim]
+            if old.kind == kind and old.map.same_as(umap) and (old.scale_old, old.new_value) == (entry.scale_old, new_value):
                 return
             raise N2NError(
                 f"cannot widen {self.layer!r} exactly: tensor {key!r} (node {node.name!r}) would be remapped twice "
                 "along the same axis in different ways (a parameter tied between coupled layers?)"
             )
-        dims[dim] = (umap, kind, node.name)
+        dims[dim] = entry
 
     def set_attr(self, node, name: str, value) -> None:
         self.attr_changes.setdefault(node.name, {})[name] = value
@@ -219,11 +196,13 @@ class WidenContext:
     # ------------------------------------------------------------------ the walk
 
     def _dispatch(self, node, event: Event) -> None:
-        if node.name not in self.members:
-            self.members.append(node.name)
+        op = get_op(node.op)
+        if node.name not in self._members:
+            self._members[node.name] = None
+            self.constraints.append(Constraint(node.name, op.fill_modes))
         self._current = node.name
         try:
-            get_op(node.op).widen(self, node, event)
+            op.widen(self, node, event)
         finally:
             self._current = None
 
@@ -236,7 +215,7 @@ class WidenContext:
                 origin = self._origin.get(value)  # its rule already knows: don't echo back
                 if value in self._by_name and origin != value:
                     self._dispatch(self._by_name[value], Event("output", None, ax, m))
-                for reader, i in self._readers.get(value, []):
+                for reader, i in self._readers.get(value, ()):
                     if reader.name != origin:
                         self._dispatch(reader, Event("input", i, ax, m))
             self._pull_in_tied()  # before any concat resolves: a tied layer may feed one of its segments
@@ -250,16 +229,21 @@ class WidenContext:
 
     def _pull_in_tied(self) -> None:
         """A tensor tied between nodes (two nodes naming one checkpoint key) is remapped for all
-        of them or for none. A tied linear/conv whose rows were remapped produces the same units,
-        so its output joins the group with the same map (and the walk goes on); any other tie the
-        walk did not reach is refused."""
-        for key, dims in list(self.remaps.items()):
-            rows = [m for m, kind, _ in dims.values() if kind == "rows"]
-            for node in self.arch.nodes:
-                roles = [r for r in get_op(node.op).params if node.param_key(r) == key]
-                if not roles or node.name in self._remapped_by.get(key, ()):
+        of them or for none. A tied layer with units of its own whose rows were remapped produces
+        the same units, so its output joins the group with the same map (and the walk goes on);
+        any other tie the walk did not reach is refused. Each key is checked once, when first
+        remapped (its users come from the graph index, not a scan of every node)."""
+        for key in [k for k in self.remaps if k not in self._tie_checked]:
+            self._tie_checked.add(key)
+            rows = [r.map for r in self.remaps[key].values() if r.kind == "rows"]
+            users: dict = {}
+            for node, role in self._key_users.get(key, ()):
+                users.setdefault(node.name, (node, []))[1].append(role)
+            for node, roles in users.values():
+                if node.name in self._remapped_by.get(key, ()):
                     continue
-                if node.op in PRODUCER_OPS and rows and roles[0] in ("weight", "bias") and self.attrs(node).get("groups", 1) == 1:
+                units = get_op(node.op).units
+                if units is not None and rows and roles[0] in units.rows and units.owns(self.attrs(node)):
                     self.assign(node.name, unit_axis(self.model, node), rows[0])
                 else:
                     raise N2NError(
@@ -279,17 +263,18 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def _apply(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key: str) -> torch.Tensor:
     """Gather `tensor` along each recorded dim (and scale consumers' columns by the replicas'
     shares), in float32 or wider, and cast back to its dtype."""
+    if not all(r.plain() for r in dims.values()):
+        return _apply_filled(tensor, dims, noise, seed, key)
     work = _work_dtype(tensor.dtype)
     out = tensor
     for dim in sorted(dims):
-        umap, kind, _ = dims[dim]
-        out = out.index_select(dim, umap.src)  # a gather is exact in any dtype
+        out = out.index_select(dim, dims[dim].map.src)  # a gather is exact in any dtype
     out = out.contiguous()
     if noise == 0:
         # Without noise, only the consumers' columns need arithmetic: scale them a block of rows
         # at a time, so the float32 working copy of a half-precision tensor is one block, not
         # the tensor (elementwise, so the bytes are those of a whole-tensor multiply).
-        cols = [(dim, umap) for dim, (umap, kind, _) in sorted(dims.items()) if kind == "cols"]
+        cols = [(dim, r.map) for dim, r in sorted(dims.items()) if r.kind == "cols"]
         if cols and out.dim():
             rows = max(1, (8 << 20) // max(1, out[0].numel() * work.itemsize))
             for i in range(0, out.shape[0], rows):
@@ -303,26 +288,62 @@ def _apply(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key: str) 
                 block.copy_(w)
         return out
     out = out.to(work)  # a copy, unless the gathers above already made one in this dtype
+    _scale_cols(out, dims, work)
+    _add_noise(out, tensor, dims, noise, seed, key, work)
+    return out.to(tensor.dtype).contiguous()
+
+
+def _scale_cols(out: torch.Tensor, dims: dict, work: torch.dtype) -> None:
     for dim in sorted(dims):
-        umap, kind, _ = dims[dim]
-        if kind == "cols":
+        r = dims[dim]
+        if r.kind == "cols":
             view = [1] * out.dim()
-            view[dim] = umap.size
-            out.mul_(umap.share.to(work).reshape(view))
-    if noise > 0:
-        # The paper's symmetry-breaking noise on the new replicas' incoming weights only (original
-        # units stay exactly the teacher's), relative to the tensor's spread. One generator per
-        # tensor, from the seed and the key, so the noise does not depend on evaluation order.
-        # (mod 2**64: a generator takes at most 64 bits; small seeds derive what they always did)
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**64)
-        for dim, (umap, kind, _) in sorted(dims.items()):
-            if kind == "rows" and bool(umap.new.any()) and out.dim() > 1:
-                scale = float(tensor.to(work).std()) if tensor.numel() > 1 else 0.0
-                rows = umap.new.nonzero().flatten()
-                shape = list(out.shape)
-                shape[dim] = rows.numel()
-                delta = torch.randn(shape, generator=gen, dtype=work) * (noise * scale)
-                out.index_add_(dim, rows, delta)
+            view[dim] = r.map.size
+            out.mul_(r.map.share.to(work).reshape(view))
+
+
+def _add_noise(out, tensor, dims, noise, seed, key, work) -> None:
+    """The paper's symmetry-breaking noise on the new replicas' incoming weights only (original
+    units stay exactly the teacher's), relative to the tensor's spread. One generator per tensor,
+    from the seed and the key, so the noise does not depend on evaluation order."""
+    if noise <= 0:
+        return
+    # (mod 2**64: a generator takes at most 64 bits; small seeds derive what they always did)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**64)
+    for dim, r in sorted(dims.items()):
+        umap = r.map
+        if r.kind == "rows" and bool(umap.new.any()) and out.dim() > 1:
+            scale = float(tensor.to(work).std()) if tensor.numel() > 1 else 0.0
+            rows = umap.new.nonzero().flatten()
+            shape = list(out.shape)
+            shape[dim] = rows.numel()
+            delta = torch.randn(shape, generator=gen, dtype=work) * (noise * scale)
+            out.index_add_(dim, rows, delta)
+
+
+def _apply_filled(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key: str) -> torch.Tensor:
+    """The general remap: gathers, then per dim the fill mode's new rows (zero, or the mean of
+    the old rows), the old entries' scale and a fixed value for new entries; then columns'
+    shares and noise. Whole-tensor arithmetic in the working dtype."""
+    work = _work_dtype(tensor.dtype)
+    out = tensor.to(work)
+    for dim in sorted(dims):
+        r = dims[dim]
+        original = out
+        out = out.index_select(dim, r.map.src).contiguous()
+        new = r.map.new.nonzero().flatten()
+        if r.kind == "rows" and r.map.fill == "zero":
+            out.index_fill_(dim, new, 0.0)
+        elif r.kind == "rows" and r.map.fill == "average" and new.numel():
+            mean = original.mean(dim=dim, keepdim=True)
+            out.index_copy_(dim, new, mean.expand_as(out.index_select(dim, new)).contiguous())
+        if r.scale_old != 1.0:
+            old = (~r.map.new).nonzero().flatten()
+            out.index_copy_(dim, old, out.index_select(dim, old) * r.scale_old)
+        if r.new_value is not None:
+            out.index_fill_(dim, new, r.new_value)
+    _scale_cols(out, dims, work)
+    _add_noise(out, tensor, dims, noise, seed, key, work)
     return out.to(tensor.dtype).contiguous()
 
 
@@ -330,8 +351,8 @@ def _lazy_remap(model, key: str, dims: dict, noise: float, seed: int) -> LazyTen
     """The remapped tensor, computed when it is read (by verification, or by the writer while it
     streams the checkpoint), so a widening never holds every changed tensor at once."""
     dtype, shape = model.tensors.dtype(key), list(model.tensors.shape(key))
-    for dim, (umap, _, _) in dims.items():
-        shape[dim] = umap.size
+    for dim, r in dims.items():
+        shape[dim] = r.map.size
 
     def fetch():
         with model.tensors.mapped(key) as original:  # _apply only reads it, into a new tensor
@@ -374,8 +395,13 @@ class WidenReport:
 
 
 def unit_axis(model, node) -> int:
-    """The axis of `node`'s output that holds its units: features (last) for linear, channels for conv."""
-    return len(model.shapes[node.name]) - 1 if node.op == "linear" else 0
+    """The axis of `node`'s output that holds its units, as its OpDef's ``units`` says
+    (features, the last axis, for linear; channels for conv)."""
+    return get_op(node.op).units.axis(tuple(model.shapes[node.name]), node.resolved_attrs())
+
+
+def _has_units(node) -> bool:
+    return get_op(node.op).units is not None
 
 
 def _check_layer(model, layer: str):
@@ -385,31 +411,69 @@ def _check_layer(model, layer: str):
             raise N2NError(f"{layer!r} is a model input, not a layer; widen a linear or conv node")
         raise N2NError(f"no node named {layer!r} in the architecture{did_you_mean(layer, arch.node_names())}")
     node = arch.node(layer)
-    if node.op not in PRODUCER_OPS:
-        hint = _nearest_producer(arch, node)
+    if not _has_units(node):
+        hint = _nearest_producer(model, node)
         where = f"; widen its producer {hint!r} instead" if hint else "; widen a linear or conv node"
         raise N2NError(f"node {layer!r} is a {node.op}, which has no units of its own to add{where}")
     return node
 
 
-def _nearest_producer(arch, node) -> Optional[str]:
-    """Walk single-input nodes upstream to the linear/conv whose units `node` carries."""
+def _nearest_producer(model, node) -> Optional[str]:
+    """Walk single-input nodes upstream to the layer with units of its own that `node` carries."""
+    by_name = graph_index(model).by_name
     seen = set()
     while node.name not in seen:
         seen.add(node.name)
-        if node.op in PRODUCER_OPS:
+        if _has_units(node):
             return node.name
-        if len(node.inputs) != 1 or not arch.has_node(node.inputs[0]):
+        if len(node.inputs) != 1 or node.inputs[0] not in by_name:
             return None
-        node = arch.node(node.inputs[0])
+        node = by_name[node.inputs[0]]
     return None
 
 
-def plan_group(model, layer: str, width: int, split: str = "equal", seed: int = 0) -> WidenContext:
+def _layout(n: int, width: int) -> UnitMap:
+    """A deterministic stand-in map for the collecting walk (its units' layout, no random draw):
+    new unit j copies j mod n."""
+    src = torch.arange(width) % n
+    counts = torch.bincount(src, minlength=n).to(torch.float64)
+    # reciprocal(), not 1.0 / t: the reflected operator's Python wrapper costs more than the
+    # division at these sizes, and inspect builds one layout per layer.
+    return UnitMap(src, torch.reciprocal(counts[src]), torch.arange(width) >= n, n)
+
+
+def collect_space(model, layer: str, width: int) -> tuple:
+    """Walk the coupled group of `layer` with a stand-in layout and gather its unit space: the
+    layer's ``n`` rows in blocks (its own block size, and every member's), and each member's
+    constraints. Returns ``(space, ctx)``; ctx knows the group (members, producers, remaps)."""
+    node = graph_index(model).by_name[layer]
+    units = get_op(node.op).units
+    axis = unit_axis(model, node)
+    n = model.shapes[layer][axis]
+    ctx = WidenContext(model, layer)
+    ctx.run(layer, axis, _layout(n, width))
+    space = UnitSpace(rows=n, block=units.block(node.resolved_attrs()))
+    for c in ctx.constraints:
+        space.add(c)
+    return space, ctx
+
+
+def _choose(space: UnitSpace, layer: str, width: int, fill: Optional[str]) -> str:
+    try:
+        return choose_fill(space, width, fill)
+    except PlanError as e:
+        raise N2NError(f"cannot widen {layer!r} exactly: at node {e.node!r}, {e.reason}") from None
+
+
+def plan_group(model, layer: str, width: int, split: str = "equal", seed: int = 0, fill: Optional[str] = None) -> WidenContext:
     """Collect the coupled group of widening `layer` to `width` units, without changing anything.
 
+    The group's unit space and constraints are collected first (:func:`collect_space`); then one
+    fill mode is chosen (`fill`, or the first of copy, tile, zero, average every member allows),
+    ONE map is drawn in it, and the walk records every remap with that map.
+
     Raises:
-        N2NError: the layer cannot be widened, or not exactly.
+        N2NError: the layer cannot be widened, or not exactly (naming the member at fault).
     """
     node = _check_layer(model, layer)
     axis = unit_axis(model, node)
@@ -423,10 +487,15 @@ def plan_group(model, layer: str, width: int, split: str = "equal", seed: int = 
         )
     if split not in SPLITS:
         raise N2NError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if fill is not None and fill not in FILL_MODES:
+        raise N2NError(f"fill mode must be one of {', '.join(FILL_MODES)}, got {fill!r}")
     _check_memory(model, layer, width)  # before drawing a map of `width` entries
+    space, _ = collect_space(model, layer, width)
+    mode = _choose(space, layer, width, fill)
     gen = torch.Generator().manual_seed(seed)
     ctx = WidenContext(model, layer)
-    ctx.run(layer, axis, UnitMap.draw(n, width, split, gen))
+    ctx.run(layer, axis, UnitMap.draw(n, width, split, gen, mode, space.block))
+    ctx.space, ctx.fill = space, mode
     _check_memory(model, layer, width, ctx.remaps)  # before any tensor of the group is built
     return ctx
 
@@ -464,7 +533,7 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
         raise N2NError(f"--noise must be a non-negative number, got {noise!r}")
     ctx = plan_group(model, layer, width, split, seed)
-    old_width = ctx.assigned[layer][1].old_size
+    old_width = ctx.map_of(layer)[1].old_size
 
     def build(noise_level: float):
         changes, report = {}, []
@@ -501,16 +570,23 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
 
 def widen_group(model, layer: str) -> tuple:
     """For `n2n inspect`: (group of producers that widen together, None) or (None, reason refused)."""
+    # The collecting walk alone: the group and every refusal of the structure are known there;
+    # drawing the map and walking again would only repeat it (inspect asks for every layer).
     try:
-        ctx = plan_group(model, layer, _one_more(model, layer))
+        _check_layer(model, layer)
+        width = _one_more(model, layer)
+        space, ctx = collect_space(model, layer, width)
+        _choose(space, layer, width, None)
+        _check_memory(model, layer, width, ctx.remaps)
     except N2NError as e:
         return None, str(e)
     return [layer] + sorted(set(ctx.producers) - {layer}), None
 
 
 def _one_more(model, layer: str) -> int:
-    node = model.arch.node(layer)
-    return model.shapes[layer][unit_axis(model, node)] + 1
+    node = graph_index(model).by_name[layer]
+    units = get_op(node.op).units
+    return model.shapes[layer][unit_axis(model, node)] + units.block(node.resolved_attrs())
 
 
 def _check_memory(model, layer: str, width: int, remaps: Optional[dict] = None) -> None:
@@ -522,7 +598,7 @@ def _check_memory(model, layer: str, width: int, remaps: Optional[dict] = None) 
     """
     from .guards import check_allocation
 
-    key = model.arch.node(layer).param_key("weight")
+    key = graph_index(model).by_name[layer].param_key("weight")
     dtype = model.tensors.dtype(key)
     if remaps is None:
         per_unit = math.prod(model.tensors.shape(key)[1:])
@@ -532,8 +608,8 @@ def _check_memory(model, layer: str, width: int, remaps: Optional[dict] = None) 
         sizes, total = [0], 0
         for k, dims in remaps.items():
             shape = list(model.tensors.shape(k))
-            for dim, (umap, _, _) in dims.items():
-                shape[dim] = umap.size
+            for dim, r in dims.items():
+                shape[dim] = r.map.size
             sizes.append(math.prod(shape))
             total += sizes[-1] * model.tensors.dtype(k).itemsize
         total += 16 * max(sizes)

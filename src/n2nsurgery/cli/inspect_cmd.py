@@ -35,7 +35,7 @@ def inspect_cmd(checkpoint: CheckpointArg, arch: ArchOpt = None, json_out: JsonO
     for spec_name, spec in info["inputs"].items():
         rows.append(([escape(spec_name), "input", "", _shape(spec["shape"]), spec["dtype"], "", "", ""], "dim"))
     for n in info["nodes"]:
-        params = _params_cell(n["params"])
+        params = _params_cell(n["op"], n["params"])
         rows.append(([
             escape(n["name"]),
             n["op"],
@@ -96,13 +96,12 @@ def _fit(columns: list, rows: list, width: int) -> Optional[list]:
     return [n + m * spare // sum(lack) for n, m in zip(need, lack)]
 
 
-def _params_cell(params: dict) -> str:
-    """Roles with their shapes, short: 'weight[8, 3, 3, 3] bias[8]'; batchnorm's four per-channel
-    vectors as '4×[8]' (every role is in --json)."""
-    vectors = [r for r, p in params.items() if r in ("weight", "bias", "running_mean", "running_var") and len(p["shape"]) == 1]
-    if "running_mean" in params and len({tuple(params[r]["shape"]) for r in vectors}) == 1:
-        return f"{len(vectors)}×{_shape(params['running_mean']['shape'])}"
-    return " ".join(f"{r}{_shape(p['shape'])}" for r, p in params.items())
+def _params_cell(op: str, params: dict) -> str:
+    """Roles with their shapes, short, as the op's ``show_params`` writes them ('weight[8, 3, 3, 3]
+    bias[8]'; batchnorm's four per-channel vectors as '4×[8]'); every role is in --json."""
+    from ..ops import get_op  # torch: only once a command runs
+
+    return get_op(op).show_params({r: tuple(p["shape"]) for r, p in params.items()})
 
 
 def _widen_cell(widen) -> str:

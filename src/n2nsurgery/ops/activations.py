@@ -9,7 +9,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Attr, Interval, OpDef, choice_attr, float_attr, register, widen_passthrough
+from .base import ANY_FILL, COPY_LIKE, Activation, Attr, Interval, OpDef, choice_attr, float_attr, register, widen_passthrough
+
+# φ(0) = 0: a zero-filled unit stays zero through it. Not linear, so averages do not pass.
+_ZERO_KEEPING = COPY_LIKE | {"zero"}
+# Where φ(v) = v holds nowhere useful: an identity layer followed by φ always changes the function.
+_NEVER = Activation(identity_on=lambda attrs, r: False)
 
 def _same_shape(in_shapes, p, a):
     return tuple(in_shapes[0])
@@ -90,7 +95,7 @@ _GELU_RANGES = {
 }
 
 
-def _elementwise(name, forward, value_range, attrs=None, doc=""):
+def _elementwise(name, forward, value_range, attrs=None, doc="", activation=None, fill_modes=_ZERO_KEEPING):
     return register(
         OpDef(
             name=name,
@@ -100,27 +105,41 @@ def _elementwise(name, forward, value_range, attrs=None, doc=""):
             value_range=value_range,
             widen=widen_passthrough,  # elementwise: replicas stay replicas
             doc=doc,
+            activation=activation,
+            fill_modes=fill_modes,
         )
     )
 
 
-RELU = _elementwise("relu", lambda xs, p, a: F.relu(xs[0]), _clamp_range(0.0, math.inf), doc="max(x, 0)")
-RELU6 = _elementwise("relu6", lambda xs, p, a: F.relu6(xs[0]), _clamp_range(0.0, 6.0), doc="min(max(x, 0), 6)")
-SIGMOID = _elementwise("sigmoid", lambda xs, p, a: torch.sigmoid(xs[0]), _increasing_range(torch.sigmoid, 0.0, 1.0))
-TANH = _elementwise("tanh", lambda xs, p, a: torch.tanh(xs[0]), _increasing_range(torch.tanh, -1.0, 1.0))
-SILU = _elementwise("silu", lambda xs, p, a: F.silu(xs[0]), _dip_range(F.silu))
-IDENTITY = _elementwise("identity", lambda xs, p, a: xs[0], lambda r, a: r[0])
+# Registry order is the order deepen lists its --activation choices in.
+RELU = _elementwise(
+    "relu", lambda xs, p, a: F.relu(xs[0]), _clamp_range(0.0, math.inf), doc="max(x, 0)",
+    activation=Activation(identity_on=lambda attrs, r: r.lo >= 0, where="v ≥ 0"),
+)
+RELU6 = _elementwise(
+    "relu6", lambda xs, p, a: F.relu6(xs[0]), _clamp_range(0.0, 6.0), doc="min(max(x, 0), 6)",
+    activation=Activation(identity_on=lambda attrs, r: r.lo >= 0 and r.hi <= 6, where="0 ≤ v ≤ 6"),
+)
 LEAKY_RELU = _elementwise(
     "leaky_relu",
     lambda xs, p, a: F.leaky_relu(xs[0], a["negative_slope"]),
     _leaky_range,
     attrs={"negative_slope": Attr(float_attr(), 0.01)},
+    activation=Activation(identity_on=lambda attrs, r: r.lo >= 0 or attrs["negative_slope"] == 1.0, where="v ≥ 0"),
 )
+SIGMOID = _elementwise(
+    "sigmoid", lambda xs, p, a: torch.sigmoid(xs[0]), _increasing_range(torch.sigmoid, 0.0, 1.0),
+    activation=_NEVER, fill_modes=COPY_LIKE,  # sigmoid(0) = 1/2: a zero unit would not stay zero
+)
+TANH = _elementwise("tanh", lambda xs, p, a: torch.tanh(xs[0]), _increasing_range(torch.tanh, -1.0, 1.0), activation=_NEVER)
+SILU = _elementwise("silu", lambda xs, p, a: F.silu(xs[0]), _dip_range(F.silu), activation=_NEVER)
+IDENTITY = _elementwise("identity", lambda xs, p, a: xs[0], lambda r, a: r[0], fill_modes=ANY_FILL)
 GELU = _elementwise(
     "gelu",
     lambda xs, p, a: F.gelu(xs[0], approximate=a["approximate"]),
     _gelu_range,
     attrs={"approximate": Attr(choice_attr("none", "tanh"), "none")},
+    activation=_NEVER,
 )
 DROPOUT = _elementwise(
     "dropout",
@@ -128,6 +147,7 @@ DROPOUT = _elementwise(
     lambda r, a: r[0],
     attrs={"p": Attr(float_attr(0.0, 1.0), 0.5)},
     doc="Identity at inference.",
+    fill_modes=ANY_FILL,
 )
 
 ELEMENTWISE = (RELU, RELU6, SIGMOID, TANH, SILU, IDENTITY, LEAKY_RELU, GELU, DROPOUT)

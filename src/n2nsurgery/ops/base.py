@@ -10,7 +10,13 @@ An :class:`OpDef` says, in one place,
 * what values it can produce given the ranges of its inputs (``value_range``; deepen uses this to
   prove that an identity layer followed by an activation is exact),
 * how its units couple and how it is remapped when a widening reaches it (``widen``; see
-  :mod:`n2nsurgery.widen`).
+  :mod:`n2nsurgery.widen`), whether it has units of its own (``units``: axis, block size) and
+  which fill modes it stays exact under (``fill_modes``),
+* what deepen needs: whether it is an activation and where it is the identity (``activation``),
+  and how to build a new identity instance of it (``insert``),
+* how ``n2n inspect`` shows its parameters (``show_params``).
+
+Nothing outside this package names an op: widen, deepen and inspect ask these fields.
 
 Shapes here are the shape of ONE sample (no batch dimension), matching the architecture YAML.
 Attributes that name a dimension (``flatten``'s ``start_dim``, ``concat``'s ``dim``) use
@@ -196,6 +202,71 @@ def no_widen(ctx, node, event):
     )
 
 
+# Fill modes (see n2nsurgery.ops.units.FILL_MODES) an op stays exact under, when the widened
+# units pass through it. Copy-like modes (a random copy map, or a uniform tile) keep replicas
+# equal to their source, which every op with a widening rule honours; zero and average are
+# declared only by ops that keep a zero unit zero, or are linear in their input.
+COPY_LIKE = frozenset({"copy", "tile"})
+ANY_FILL = frozenset({"copy", "tile", "zero", "average"})
+
+
+@dataclass(frozen=True)
+class Units:
+    """An op whose output has units of its own (linear, conv): a widening can start at it, and
+    the coupled walk ends at it (it produces the units in its rows, consumes them in its columns).
+
+    ``axis(out_shape, attrs)``: the axis of the one-sample output that holds the units.
+    ``block(attrs)``: rows per unit (1; an attention head would be head_dim rows).
+    ``owns(attrs)``: whether its output units are its own; a depthwise conv's follow its input,
+    so a tied twin of it cannot join a group through its rows.
+    ``rows``: the parameter roles whose dim 0 are the units.
+    """
+
+    axis: Callable[[Shape, dict], int]
+    block: Callable[[dict], int] = lambda attrs: 1
+    owns: Callable[[dict], bool] = lambda attrs: True
+    rows: tuple = ("weight", "bias")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation φ deepen may put after a new identity layer (and copies by default after
+    a node of this op). ``identity_on(attrs, r)``: whether φ(v) = v for every v in interval r
+    (attrs resolved, defaults filled in). ``where``: where φ(v) = v holds, for messages
+    ("v ≥ 0"); None when it holds nowhere useful (sigmoid, tanh)."""
+
+    identity_on: Callable[[dict, "Interval"], bool]
+    where: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Insert:
+    """How deepen builds a new instance of this op (SPEC 3.2).
+
+    ``word``: what deepen calls it: ``linear`` / ``conv`` (its ``--op`` words), ``batchnorm``
+    (``--batchnorm``), ``sum`` (the join of a residual branch).
+    ``fits(shape)``: whether it can read a value of this one-sample shape.
+    ``kernel``: whether ``--kernel-size`` applies. ``short``: its name inside a residual branch
+    (``NAME.fc1``, ``NAME.conv1``).
+    ``attrs(kernel_size)``: the attributes of a new instance (a conv's padding k//2).
+    ``weight_shape(out, in, kernel_size)``: the shape of a new instance's weight.
+    ``identity(width, kernel_size, dtype)``: {role: tensor} that make it the identity on its input.
+    """
+
+    word: str
+    fits: Callable[[Shape], bool] = lambda shape: True
+    kernel: bool = False
+    short: str = ""
+    attrs: Callable[[int], dict] = lambda kernel_size: {}
+    weight_shape: Optional[Callable[[int, int, int], tuple]] = None
+    identity: Optional[Callable] = None
+
+
+def show_params(shapes: Mapping[str, Shape]) -> str:
+    """Default for how `n2n inspect` shows a node's parameters: 'weight[8, 3, 3, 3] bias[8]'."""
+    return " ".join(f"{role}{fmt_shape(s)}" for role, s in shapes.items())
+
+
 @dataclass(frozen=True)
 class OpDef:
     """One op type. See the module docstring for what each field means."""
@@ -212,6 +283,11 @@ class OpDef:
     value_range: Callable = unknown_range  # (in_ranges: list[Interval], attrs) -> Interval
     widen: Callable = no_widen  # (ctx: WidenContext, node, event) -> None; see n2nsurgery.widen
     doc: str = ""
+    units: Optional[Units] = None  # units of its own: widen starts here, the walk ends here
+    fill_modes: frozenset = COPY_LIKE  # fill modes it stays exact under when widened units pass
+    activation: Optional[Activation] = None  # deepen may insert it after an identity layer
+    insert: Optional[Insert] = None  # deepen can build a new instance of it
+    show_params: Callable = show_params  # ({role: shape}) -> str, the inspect table's cell
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -224,8 +300,26 @@ def register(op: OpDef) -> OpDef:
     return op
 
 
+def unregister(name: str) -> None:
+    """Remove an op (tests that register a throwaway op clean up with this)."""
+    REGISTRY.pop(name, None)
+
+
 def get_op(name: str) -> Optional[OpDef]:
     return REGISTRY.get(name)
+
+
+def activation_names() -> tuple:
+    """Ops deepen may insert as φ, in registry order."""
+    return tuple(name for name, op in REGISTRY.items() if op.activation is not None)
+
+
+def insertable(word: str, shape: Optional[Shape] = None) -> Optional[OpDef]:
+    """The first op deepen builds for `word` (see :class:`Insert`) that can read `shape`."""
+    for op in REGISTRY.values():
+        if op.insert is not None and op.insert.word == word and (shape is None or op.insert.fits(tuple(shape))):
+            return op
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """batchnorm: per-channel (axis 0) normalisation with running statistics, at inference."""
 
+import torch
 import torch.nn.functional as F
 
-from .base import Attr, OpDef, Param, expect, float_attr, fmt_shape, register
+from .base import Attr, Insert, OpDef, Param, expect, float_attr, fmt_shape, register, show_params
 
 
 def _infer(in_shapes, p, a):
@@ -40,6 +41,32 @@ def _widen(ctx, node, event):
         ctx.assign(node.inputs[0], event.axis, event.map)
 
 
+_EPS = 1e-5  # torch.nn.BatchNorm's default, so a new layer loads into a default module
+
+
+def _identity(width, kernel_size, dtype):
+    """Tensors that make a new batchnorm the identity at inference.
+
+    ``(x − 0) / sqrt((1 − eps) + eps) · 1 + 0``: var + eps is exactly 1 in float32 and float64,
+    so the scale is exactly 1 (in float16/bfloat16 var rounds to 1 and the scale is 1 − 5e-6).
+    """
+    return {
+        "weight": torch.ones(width, dtype=dtype),
+        "bias": torch.zeros(width, dtype=dtype),
+        "running_mean": torch.zeros(width, dtype=dtype),
+        "running_var": torch.full((width,), 1.0 - _EPS, dtype=torch.float64).to(dtype),
+        "num_batches_tracked": torch.zeros((), dtype=torch.int64),
+    }
+
+
+def _show_params(shapes) -> str:
+    """The four per-channel vectors as '4×[8]' when they agree (every role is in --json)."""
+    vectors = [r for r, s in shapes.items() if r in _PER_CHANNEL and len(s) == 1]
+    if "running_mean" in shapes and len({tuple(shapes[r]) for r in vectors}) == 1:
+        return f"{len(vectors)}×{fmt_shape(shapes['running_mean'])}"
+    return show_params(shapes)
+
+
 BATCHNORM = register(
     OpDef(
         name="batchnorm",
@@ -56,5 +83,8 @@ BATCHNORM = register(
             "num_batches_tracked": Param(optional=True),
         },
         doc="BatchNorm at inference: (x - running_mean) / sqrt(running_var + eps) * weight + bias.",
+        # fill_modes: copy-like only. Its statistics are copied per channel, and bn(0) ≠ 0.
+        insert=Insert(word="batchnorm", fits=lambda shape: len(shape) >= 1, identity=_identity),
+        show_params=_show_params,
     )
 )

@@ -1,8 +1,9 @@
 """conv1d / conv2d / conv3d: weight [out, in/groups, *kernel], bias [out]; channels on axis 0."""
 
+import torch
 import torch.nn.functional as F
 
-from .base import Attr, OpDef, Param, expect, fmt_shape, int_attr, int_or_choice_attr, ints_attr, per_axis, register
+from .base import ANY_FILL, COPY_LIKE, Attr, Insert, OpDef, Units, Param, expect, fmt_shape, int_attr, int_or_choice_attr, ints_attr, per_axis, register
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -72,6 +73,9 @@ def _widen(ctx, node, event):
             "widen a layer that does not feed it, or make it depthwise (groups = channels)",
         )
     mult = cout // cin  # depthwise with channel multiplier: output c*mult + t reads input c
+    # Its kernels are per-channel state copied with the map: a zero or averaged channel would
+    # not stay zero or the mean after its own kernel and bias.
+    ctx.constrain(node, modes=COPY_LIKE, why="a depthwise convolution copies each channel's kernel")
     if event.kind == "output":
         if mult != 1:
             ctx.refuse(node, "a depthwise convolution with a channel multiplier can only be widened from its input side; widen the layer that feeds it")
@@ -94,6 +98,30 @@ def _make_forward(nd: int):
     return forward
 
 
+def _make_identity(nd: int):
+    def identity(width, kernel_size, dtype):
+        """A centred delta kernel (index k//2 on every spatial axis) and a zero bias: y = x."""
+        w = torch.zeros((width, width) + (kernel_size,) * nd, dtype=torch.float32)
+        centre = (kernel_size // 2,) * nd  # 0-indexed centre: k//2, never k//2 + 1 (GUIDE 3)
+        idx = torch.arange(width)
+        w[(idx, idx) + centre] = 1.0
+        return {"weight": w.to(dtype), "bias": torch.zeros(width, dtype=dtype)}
+
+    return identity
+
+
+def _make_insert(nd: int) -> Insert:
+    return Insert(
+        word="conv",
+        fits=lambda shape: len(shape) == nd + 1,  # [channels, nd spatial axes]
+        kernel=True,
+        short="conv",
+        attrs=lambda k: {"padding": k // 2},  # stride 1, groups 1: the shape is kept
+        weight_shape=lambda out, inp, k: (out, inp) + (k,) * nd,
+        identity=_make_identity(nd),
+    )
+
+
 CONV = {
     nd: register(
         OpDef(
@@ -109,6 +137,10 @@ CONV = {
             },
             params={"weight": Param(), "bias": Param(optional=True)},
             doc=f"{nd}-D convolution over [channels, {nd} spatial axes].",
+            # Channels (axis 0) are the units; a depthwise conv's follow its input's.
+            units=Units(axis=lambda shape, attrs: 0, owns=lambda attrs: attrs.get("groups", 1) == 1),
+            fill_modes=ANY_FILL,
+            insert=_make_insert(nd),
         )
     )
     for nd in (1, 2, 3)

@@ -1,8 +1,9 @@
 """linear: y = x Wᵀ + b over the last axis of x. Weight [out, in], bias [out]."""
 
+import torch
 import torch.nn.functional as F
 
-from .base import OpDef, Param, expect, fmt_shape, register
+from .base import ANY_FILL, Insert, OpDef, Param, Units, expect, fmt_shape, register
 
 
 def _infer(in_shapes, p, attrs):
@@ -35,6 +36,11 @@ def _widen(ctx, node, event):
         ctx.remap(node, "weight", 1, event.map, "cols")
 
 
+def _identity(width, kernel_size, dtype):
+    """The identity matrix and a zero bias: y = x."""
+    return {"weight": torch.eye(width, dtype=torch.float32).to(dtype), "bias": torch.zeros(width, dtype=dtype)}
+
+
 LINEAR = register(
     OpDef(
         name="linear",
@@ -43,5 +49,15 @@ LINEAR = register(
         widen=_widen,
         params={"weight": Param(), "bias": Param(optional=True)},
         doc="Fully connected layer over the last axis.",
+        units=Units(axis=lambda shape, attrs: len(shape) - 1),  # features: the last axis
+        fill_modes=ANY_FILL,  # it ends the chain: its rows and columns take any fill
+        # Over the last axis, like torch.nn.Linear: fits any value with at least one axis.
+        insert=Insert(
+            word="linear",
+            fits=lambda shape: len(shape) >= 1,
+            short="fc",
+            weight_shape=lambda out, inp, k: (out, inp),
+            identity=_identity,
+        ),
     )
 )

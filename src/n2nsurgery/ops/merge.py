@@ -2,7 +2,8 @@
 
 import torch
 
-from .base import Attr, OpDef, add_range, broadcast, dim_attr, expect, fmt_shape, hull_range, mul_range, register, sample_dim
+from .base import ANY_FILL, COPY_LIKE, Attr, Insert, OpDef, add_range, broadcast, dim_attr, expect, fmt_shape, hull_range, mul_range, register, sample_dim
+from .units import UnitMap
 
 
 def _per_sample(xs):
@@ -84,11 +85,9 @@ def _widen_concat(ctx, node, event):
         ctx.refuse(node, "its concatenated axis cannot be widened from the consumer side; widen one of its inputs instead")
 
     def resolve():
-        from ..widen import UnitMap
-
         parts = []
         for name in node.inputs:
-            assigned = ctx.assigned.get(name)
+            assigned = ctx.map_of(name)
             if assigned is not None and assigned[0] == dim:
                 parts.append(assigned[1])
             else:
@@ -98,8 +97,19 @@ def _widen_concat(ctx, node, event):
     ctx.defer(node, resolve)
 
 
-ADD = register(OpDef(name="add", forward=_add, infer_shape=_broadcast_infer, arity=-1, value_range=add_range, widen=_widen_elementwise))
-MUL = register(OpDef(name="mul", forward=_mul, infer_shape=_broadcast_infer, arity=-1, value_range=mul_range, widen=_widen_elementwise))
+ADD = register(
+    OpDef(
+        name="add", forward=_add, infer_shape=_broadcast_infer, arity=-1, value_range=add_range, widen=_widen_elementwise,
+        fill_modes=ANY_FILL,  # linear: sums of zeros are zero, sums of means are the mean of sums
+        insert=Insert(word="sum"),  # the join of a residual branch
+    )
+)
+MUL = register(
+    OpDef(
+        name="mul", forward=_mul, infer_shape=_broadcast_infer, arity=-1, value_range=mul_range, widen=_widen_elementwise,
+        fill_modes=COPY_LIKE | {"zero"},  # 0 · x = 0, but a product of means is not a mean
+    )
+)
 CONCAT = register(
     OpDef(
         name="concat",
@@ -109,5 +119,6 @@ CONCAT = register(
         attrs={"dim": Attr(dim_attr, 1)},
         value_range=hull_range,
         widen=_widen_concat,
+        fill_modes=ANY_FILL,  # it only lays segments side by side
     )
 )

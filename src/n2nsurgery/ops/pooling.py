@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from .base import Attr, Interval, OpDef, REQUIRED, expect, fmt_shape, ints_attr, per_axis, register, same_range, widen_channels_passthrough
+from .base import ANY_FILL, COPY_LIKE, Attr, Interval, OpDef, REQUIRED, expect, fmt_shape, ints_attr, per_axis, register, same_range, widen_channels_passthrough
 from .conv import conv_out_len
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -63,6 +63,7 @@ for _nd in (1, 2, 3):
             attrs=_WINDOW_ATTRS,
             value_range=same_range,
             widen=widen_channels_passthrough,
+            fill_modes=COPY_LIKE | {"zero"},  # max of zeros is zero; max of means is not a mean
         )
     )
     register(
@@ -73,6 +74,7 @@ for _nd in (1, 2, 3):
             attrs=_WINDOW_ATTRS,
             value_range=_avg_window_range,
             widen=widen_channels_passthrough,
+            fill_modes=ANY_FILL,  # an average is linear
         )
     )
     register(
@@ -83,6 +85,7 @@ for _nd in (1, 2, 3):
             attrs={"output_size": Attr(ints_attr(1), REQUIRED)},
             value_range=same_range,
             widen=widen_channels_passthrough,
+            fill_modes=COPY_LIKE | {"zero"},
         )
     )
     register(
@@ -93,5 +96,6 @@ for _nd in (1, 2, 3):
             attrs={"output_size": Attr(ints_attr(1), REQUIRED)},
             value_range=same_range,  # averages of inputs, no padding: stays in the hull
             widen=widen_channels_passthrough,
+            fill_modes=ANY_FILL,
         )
     )

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .base import Attr, AttrError, OpDef, expect, register, same_range, sample_dim
+from .base import ANY_FILL, Attr, AttrError, OpDef, expect, register, same_range, sample_dim
 
 
 def _any_dim(v):
@@ -59,5 +59,6 @@ FLATTEN = register(
         widen=_widen,
         attrs={"start_dim": Attr(_any_dim, 1), "end_dim": Attr(_any_dim, -1)},
         value_range=same_range,
+        fill_modes=ANY_FILL,  # it only moves values
     )
 )
