@@ -40,7 +40,7 @@ from . import progress
 from .errors import N2NError
 from .guards import check_allocation, format_bytes
 from .inputs import open_input
-from .jsonio import JSONRefused, parse_json
+from .jsonio import JSONRefused, gc_paused, parse_json
 
 # safetensors dtype code <-> torch dtype
 DTYPES = {
@@ -239,7 +239,8 @@ def _read_stream(f, source: str) -> Checkpoint:
     header = head[8:] + _read_upto(f, hlen - len(head[8:]))
     if len(header) < hlen:
         _parse(head[:8] + header, source, 8 + len(header))  # raises: truncated
-    entries, metadata = _parse_header(header, source)
+    with gc_paused():
+        entries, metadata = _parse_header(header, source)
     need = max((e for _, _, _, _, e in entries), default=0)
     check_allocation(need, f"reading {source} (its header announces {format_bytes(need)} of tensors)",
                      "save it to a file and pass the path: a file is read on demand, a stream must be held in memory")
@@ -254,7 +255,8 @@ def _read_stream(f, source: str) -> Checkpoint:
             bar.advance(len(chunk))
     if len(buffer) == 8 + hlen + need and f.read(1):
         raise N2NError(f"{source}: corrupt: more bytes follow the last tensor than the header describes")
-    return _layout(buffer, source, len(buffer), hlen, entries, metadata, None)
+    with gc_paused():
+        return _layout(buffer, source, len(buffer), hlen, entries, metadata, None)
 
 
 def _read_upto(f, n: int) -> bytes:
@@ -322,8 +324,9 @@ def _parse(buffer, source: str, size: int, file=None) -> Checkpoint:
     hlen = _header_length(bytes(buffer[: min(size, 300)]), source, size)
     if 8 + hlen > size:
         raise N2NError(f"{source}: truncated: the header says {hlen} bytes but the file has only {size - 8} after the length")
-    entries, metadata = _parse_header(bytes(buffer[8 : 8 + hlen]), source)
-    return _layout(buffer, source, size, hlen, entries, metadata, file)
+    with gc_paused():  # a header of many tensors builds many objects, none of them cyclic
+        entries, metadata = _parse_header(bytes(buffer[8 : 8 + hlen]), source)
+        return _layout(buffer, source, size, hlen, entries, metadata, file)
 
 
 def _parse_header(raw: bytes, source: str) -> tuple:
@@ -353,38 +356,51 @@ def _parse_header(raw: bytes, source: str) -> tuple:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         bad("corrupt header: __metadata__ must map strings to strings")
-    for name in [*metadata, *metadata.values(), *header]:
-        try:  # JSON can escape lone surrogates ("\udc80"), which no UTF-8 file can hold
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            bad(f"corrupt header: name or metadata {name[:60]!r} is not valid Unicode (it holds a lone surrogate)")
-
-    entries = []
-    for key, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
-            bad(f"corrupt header entry for tensor {key!r}")
-        code = entry.get("dtype")
-        if not isinstance(code, str) or code not in DTYPES:
-            bad(f"tensor {key!r} has dtype {code!r}, which this tool does not support")
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in shape):
-            bad(f"tensor {key!r} has an invalid shape {shape!r}")
-        if math.prod(s for s in shape if s) >= 2**63:  # torch counts elements (and strides) in int64
-            bad(f"tensor {key!r} has an invalid shape {shape!r} (more than 2**63 elements)")
-        offs = entry.get("data_offsets")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-            or not 0 <= offs[0] <= offs[1]
-        ):
-            bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
-        dtype = DTYPES[code]
-        itemsize = dtype.itemsize
-        if math.prod(shape) * itemsize != offs[1] - offs[0]:
-            bad(f"tensor {key!r}: shape {shape} of {code} needs {math.prod(shape) * itemsize} bytes but data_offsets span {offs[1] - offs[0]}")
-        entries.append((key, dtype, tuple(shape), offs[0], offs[1]))
+    _check_unicode([*metadata, *metadata.values(), *header], source)
+    entries = [_entry(key, entry, source) for key, entry in header.items()]
     return entries, metadata
+
+
+def _check_unicode(names: list, source: str) -> None:
+    """Refuse a lone surrogate ("\\udc80": JSON can escape one, no UTF-8 file can hold one)."""
+    try:
+        "".join(names).encode("utf-8")  # one pass for all; only on failure find which
+    except UnicodeEncodeError:
+        for name in names:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise N2NError(f"{source}: corrupt header: name or metadata {name[:60]!r} is not valid Unicode (it holds a lone surrogate)") from None
+
+
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+
+
+def _entry(key: str, entry, source: str) -> tuple:
+    """(key, dtype, shape, begin, end) of one header entry, checked. Written for speed with
+    ``type(x) is int`` (which also refuses bool) and C-level passes over the shape, since a
+    header may hold a million entries."""
+    def bad(msg):
+        raise N2NError(f"{source}: {msg}")
+
+    if type(entry) is not dict or not entry.keys() <= _ENTRY_KEYS:
+        bad(f"corrupt header entry for tensor {key!r}")
+    code = entry.get("dtype")
+    dtype = DTYPES.get(code) if type(code) is str else None
+    if dtype is None:
+        bad(f"tensor {key!r} has dtype {code!r}, which this tool does not support")
+    shape = entry.get("shape")
+    if type(shape) is not list or not set(map(type, shape)) <= {int} or (shape and not 0 <= min(shape) <= max(shape) < 2**63):
+        bad(f"tensor {key!r} has an invalid shape {shape!r}")
+    if 0 in shape and math.prod(s for s in shape if s) >= 2**63:  # torch counts elements (and strides) in int64
+        bad(f"tensor {key!r} has an invalid shape {shape!r} (more than 2**63 elements)")
+    offs = entry.get("data_offsets")
+    if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int or not 0 <= offs[0] <= offs[1]:
+        bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes != offs[1] - offs[0]:
+        bad(f"tensor {key!r}: shape {shape} of {code} needs {nbytes} bytes but data_offsets span {offs[1] - offs[0]}")
+    return key, dtype, tuple(shape), offs[0], offs[1]
 
 
 def _layout(buffer, source: str, size: int, hlen: int, entries: list, metadata: dict, file) -> Checkpoint:
