@@ -329,6 +329,12 @@ def test_dev_zero_as_architecture_and_recipe(runner, tmp_path):
     refused(recipe, "/dev/zero", "larger than 16 MiB")
 
 
+def test_dev_zero_as_recipe_on_stdin(tmp_path):
+    with open("/dev/zero", "rb") as zero:
+        proc = run_bounded(["apply", MLP_CKPT, "-", "--arch", MLP_ARCH, "-o", str(tmp_path / "o.safetensors")], stdin=zero)
+    refused_proc(proc, "<stdin>", "larger than 16 MiB")
+
+
 @pytest.mark.parametrize("role", ["checkpoint", "architecture"])
 def test_fifo_without_a_writer_is_empty_not_a_hang(tmp_path, role):
     fifo = tmp_path / "pipe"
