@@ -73,7 +73,7 @@ def dtype_code(dtype: torch.dtype) -> str:
         raise N2NError(f"dtype {dtype} cannot be stored in a safetensors checkpoint by this tool") from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a header may describe a million of them
 class TensorInfo:
     """Where one tensor lives in a checkpoint file, from its header."""
 
