@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -25,6 +26,15 @@ FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 INT_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
 
 _INT_MAX = {"int64": 2**63 - 1, "int32": 2**31 - 1, "int16": 2**15 - 1, "int8": 2**7 - 1, "uint8": 2**8 - 1}
+# torch.randint takes `high` as an int64, whatever the dtype it draws: int64 probes stop one short.
+_HIGH_MAX = {dtype: min(top + 1, 2**63 - 1) for dtype, top in _INT_MAX.items()}
+# torch computes shapes, strides and offsets in int64: an integer past it cannot reach torch.
+_I64_MAX = 2**63 - 1
+
+# Characters refused in names: C0 and C1 control characters and DEL (they rewrite terminal
+# output and log lines) and lone surrogates (the escapes of bytes that are not UTF-8, which no
+# file can store as text).
+_BAD_NAME_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 _TOP_KEYS = ("format", "name", "inputs", "nodes", "outputs")
 _NODE_KEYS = ("name", "op", "in", "params")
@@ -178,6 +188,8 @@ def parse_architecture(text: str, source: str = "<architecture>") -> Architectur
     name = doc.get("name")
     if name is not None and not isinstance(name, str):
         fail("name must be a string")
+    if name is not None:
+        _check_name_chars(name, "the architecture's name", fail)
 
     inputs = _parse_inputs(doc.get("inputs"), fail)
     nodes = _parse_nodes(doc.get("nodes"), fail)
@@ -201,6 +213,7 @@ def _parse_inputs(raw, fail) -> dict:
     for name, spec in raw.items():
         if not isinstance(name, str):
             fail(f"input name {name!r} must be a string")
+        _check_name_chars(name, "input name", fail)
         if not isinstance(spec, dict):
             fail(f"input {name!r} must be a mapping with shape and dtype")
         for k in spec:
@@ -212,6 +225,7 @@ def _parse_inputs(raw, fail) -> dict:
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
         ):
             fail(f"input {name!r}: shape must be a list of positive integers (one sample, no batch dim), got {shape!r}")
+        # (a shape too large to run is refused by verification's memory check, naming the figure)
         dtype = spec.get("dtype", "float32")
         if dtype not in FLOAT_DTYPES + INT_DTYPES:
             fail(f"input {name!r}: dtype must be one of {', '.join(FLOAT_DTYPES + INT_DTYPES)}, got {dtype!r}")
@@ -219,7 +233,7 @@ def _parse_inputs(raw, fail) -> dict:
         if dtype in INT_DTYPES:
             if not isinstance(high, int) or isinstance(high, bool) or high < 1:
                 fail(f"input {name!r}: an integer input needs high: a positive integer (probes are drawn from [0, high))")
-            top = _INT_MAX[dtype] + 1
+            top = _HIGH_MAX[dtype]
             if high > top:
                 fail(f"input {name!r}: high {high} does not fit {dtype} (probes are drawn from [0, high)); use at most {top}")
         elif high is not None:
@@ -238,6 +252,7 @@ def _parse_nodes(raw, fail) -> list:
         name = item.get("name")
         if not isinstance(name, str) or not name:
             fail(f"nodes[{i}] has no name (a non-empty string)")
+        _check_name_chars(name, f"nodes[{i}] name", fail)
         where = f"node {name!r}"
         opname = item.get("op")
         if not isinstance(opname, str):
@@ -272,12 +287,39 @@ def _parse_nodes(raw, fail) -> list:
                 op.attrs[k].parse(v)
             except AttrError as e:
                 fail(f"{where}: attribute {k} {e}")
+            too_big = _int_beyond_int64(v)
+            if too_big is not None:
+                fail(f"{where}: attribute {k} holds {too_big}, beyond what torch can take (|value| <= {_I64_MAX})")
             attrs[k] = v
         for k, a in op.attrs.items():
             if a.default is REQUIRED and k not in attrs:
                 fail(f"{where}: {opname} needs attribute {k!r}")
         nodes.append(Node(name=name, op=opname, inputs=list(ins), attrs=attrs, params=dict(params)))
     return nodes
+
+
+def _check_name_chars(name: str, what: str, fail) -> None:
+    """Refuse a name holding a control character or a lone surrogate, saying where (0-based)."""
+    bad = _BAD_NAME_CHAR.search(name)
+    if bad is None:
+        return
+    char = bad.group()
+    kind = "a lone surrogate (not valid UTF-8)" if "\ud800" <= char <= "\udfff" else "a control character"
+    fail(f"{what} {name!r} holds {kind}, U+{ord(char):04X}, at position {bad.start()}; names must be printable text")
+
+
+def _int_beyond_int64(value):
+    """The first integer in an attribute value (an int, or ints nested in lists/mappings) outside int64."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, int) and not isinstance(item, bool) and not -_I64_MAX - 1 <= item <= _I64_MAX:
+            return item
+    return None
 
 
 def _check_graph(arch: Architecture, fail) -> None:

@@ -39,7 +39,9 @@ import torch
 
 from . import progress
 from .errors import N2NError
+from .memory import check_allocation, format_bytes
 from .inputs import open_input
+from .jsonio import JSONRefused, gc_paused, parse_json
 
 # safetensors dtype code <-> torch dtype
 DTYPES = {
@@ -72,7 +74,7 @@ def dtype_code(dtype: torch.dtype) -> str:
         raise N2NError(f"dtype {dtype} cannot be stored in a safetensors checkpoint by this tool") from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a header may describe a million of them
 class TensorInfo:
     """Where one tensor lives in a checkpoint file, from its header."""
 
@@ -202,10 +204,7 @@ def open_checkpoint(path: str) -> Checkpoint:
     if path == STDIN:
         if sys.stdin is None or sys.stdin.isatty():
             raise N2NError("standard input is a terminal: pipe a checkpoint into '-' or give a file path")
-        data = _read_all(sys.stdin.buffer, "<stdin>")
-        if not data:
-            raise N2NError("standard input is empty: the command before '|' wrote no checkpoint (did it fail?)")
-        return _parse(data, "<stdin>", len(data))
+        return _read_stream(sys.stdin.buffer, "<stdin>")
 
     f = open_input(path, "a safetensors file")
     st = os.fstat(f.fileno())
@@ -216,9 +215,9 @@ def open_checkpoint(path: str) -> Checkpoint:
         except BaseException:
             f.close()
             raise
-    with f:  # a pipe, process substitution, or a file that cannot be mapped: read it all
-        buffer = _read_all(f, path)
-    return _parse(buffer, path, len(buffer))
+    with f:  # a pipe, a device, process substitution: read what the header describes
+        return _read_stream(f, path)
+
 
 
 def _map(f) -> Optional[mmap.mmap]:
@@ -232,78 +231,211 @@ def _map(f) -> Optional[mmap.mmap]:
         return None
 
 
-def _read_all(f, source: str) -> bytearray:
-    """Read a stream to its end in chunks, with a progress bar once it turns out to be large."""
-    data = bytearray()
+# Most tensors one checkpoint may hold. Parsing costs about 1 KiB of memory and a few
+# microseconds per tensor, so a header that claims millions of tiny tensors is refused before it
+# is parsed; the largest published models hold well under 100,000 tensors per file.
+MAX_TENSORS = 1_000_000
+
+_CONVERT_PICKLE = (
+    "python -c \"import torch; from safetensors.torch import save_file; "
+    "save_file(torch.load('model.pt', weights_only=True), 'model.safetensors')\""
+)
+
+
+def _read_stream(f, source: str) -> Checkpoint:
+    """Read a checkpoint from a stream (standard input, a pipe, a device), bounded by its header.
+
+    The header is read and validated before any tensor data, and then exactly the bytes it
+    describes are read: a stream that never ends (``/dev/zero``) or claims more data than memory
+    can hold is refused after its first bytes, not read until memory runs out.
+    """
+    head = _read_upto(f, 9)  # the length, and the header's first byte
+    if not head and source == "<stdin>":
+        raise N2NError("standard input is empty: the command before '|' wrote no checkpoint (did it fail?)")
+    if len(head) == 9 and not _looks_like_safetensors(head):
+        head += _read_upto(f, 300)  # enough to tell what it is instead (_header_length refuses it)
+    hlen = _header_length(head, source, len(head))
+    header = head[8:] + _read_upto(f, hlen - len(head[8:]))
+    if len(header) < hlen:
+        _parse(head[:8] + header, source, 8 + len(header))  # raises: truncated
+    with gc_paused():
+        entries, metadata = _parse_header(header, source)
+    need = max((e for _, _, _, _, e in entries), default=0)
+    check_allocation(need, f"reading {source} (its header announces {format_bytes(need)} of tensors)",
+                     "save it to a file and pass the path: a file is read on demand, a stream must be held in memory")
+    buffer = bytearray(head[:8])
+    buffer += header
     with progress.task(f"reading {source}", None) as bar:
-        while True:
-            chunk = f.read(_CHUNK)
+        while len(buffer) < 8 + hlen + need:
+            chunk = f.read(min(_CHUNK, 8 + hlen + need - len(buffer)))
             if not chunk:
-                return data
-            data += chunk
+                break
+            buffer += chunk
             bar.advance(len(chunk))
+    if len(buffer) == 8 + hlen + need and f.read(1):
+        raise N2NError(f"{source}: corrupt: more bytes follow the last tensor than the header describes")
+    with gc_paused():
+        return _layout(buffer, source, len(buffer), hlen, entries, metadata, None)
 
 
-def _parse(buffer, source: str, size: int, file=None) -> Checkpoint:
+def _read_upto(f, n: int) -> bytes:
+    """Up to `n` bytes of stream `f`: fewer only at its end."""
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(min(n - got, _CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _foreign_format(head: bytes) -> Optional[str]:
+    """What a file that is not safetensors looks like, from its first bytes; None when unknown."""
+    if head.startswith(b"PK\x03\x04"):
+        # torch.save writes a zip archive whose entries are "<name>/data.pkl", "<name>/version",
+        # "<name>/byteorder"...; the first entry's name starts at byte 30 of the archive.
+        name_len = int.from_bytes(head[26:28], "little")
+        name = head[30 : 30 + name_len]
+        if len(name) < name_len or any(part in name for part in (b"data.pkl", b"version", b"byteorder", b"/data/")):
+            return "PyTorch checkpoint (torch.save writes a zip archive holding a pickle)"
+        return "zip archive"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle's PROTO opcode
+        return "PyTorch pickle (or another Python pickle)"
+    return None
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """Whether the first 9 bytes are a plausible header length followed by a header's "{"."""
+    (hlen,) = struct.unpack("<Q", head[:8])
+    return 2 <= hlen <= MAX_HEADER and head[8:9] == b"{"  # the shortest header is "{}"
+
+
+def _header_length(head: bytes, source: str, size: int) -> int:
+    """The header length that the first bytes (`head`, up to 300 of them) announce.
+
+    Raises:
+        N2NError: the length is implausible, or the file is something else (a PyTorch pickle, a
+            zip archive: said so, with how to convert it).
+    """
     def bad(msg):
         raise N2NError(f"{source}: {msg}")
 
+    if size == 8 or (size > 8 and _looks_like_safetensors(head)):
+        (hlen,) = struct.unpack("<Q", head[:8])
+        if 2 <= hlen <= MAX_HEADER:
+            return hlen  # the caller reports a header cut short
+    foreign = _foreign_format(bytes(head))
+    if foreign == "zip archive":
+        bad("is a zip archive, not a safetensors file")
+    if foreign is not None:
+        bad(f"looks like a {foreign}, not a safetensors file; n2n never unpickles files (loading a pickle can run "
+            f"any code), so convert it once, where you trust it: {_CONVERT_PICKLE}")
     if size < 8:
         bad(f"not a safetensors file (only {size} bytes; truncated or empty)")
-    (hlen,) = struct.unpack("<Q", bytes(buffer[:8]))
-    if hlen > MAX_HEADER:
+    (hlen,) = struct.unpack("<Q", head[:8])
+    if hlen > MAX_HEADER or hlen < 2:
         bad(f"not a safetensors file (header length {hlen} is implausible)")
+    bad("not a safetensors file (the header is not JSON)")
+
+
+def _parse(buffer, source: str, size: int, file=None) -> Checkpoint:
+    hlen = _header_length(bytes(buffer[: min(size, 300)]), source, size)
     if 8 + hlen > size:
-        bad(f"truncated: the header says {hlen} bytes but the file has only {size - 8} after the length")
-    try:
-        header = json.loads(bytes(buffer[8 : 8 + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise N2NError(f"{source}: truncated: the header says {hlen} bytes but the file has only {size - 8} after the length")
+    with gc_paused():  # a header of many tensors builds many objects, none of them cyclic
+        entries, metadata = _parse_header(bytes(buffer[8 : 8 + hlen]), source)
+        return _layout(buffer, source, size, hlen, entries, metadata, file)
+
+
+def _parse_header(raw: bytes, source: str) -> tuple:
+    """The tensors ((key, dtype, shape, begin, end), offsets relative to the data) and the
+    metadata of a header's JSON bytes, everything checked that does not depend on the file size."""
+    def bad(msg):
+        raise N2NError(f"{source}: {msg}")
+
+    if not raw.startswith(b"{"):
         bad("not a safetensors file (the header is not JSON)")
+    claimed = raw.count(b'"data_offsets"')  # an upper bound on the tensor count, without parsing
+    if claimed > MAX_TENSORS:
+        bad(f"the header describes {claimed} tensors, more than the {MAX_TENSORS} this tool reads from one file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        bad("not a safetensors file (the header is not JSON)")
+    try:
+        header = parse_json(text, max_depth=None)  # the schema checks below bound the depth
+    except JSONRefused as e:
+        if str(e).startswith("invalid JSON"):
+            bad("not a safetensors file (the header is not JSON)")
+        bad(f"corrupt header: {e}")
     if not isinstance(header, dict):
         bad("not a safetensors file (the header is not a JSON object)")
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         bad("corrupt header: __metadata__ must map strings to strings")
-    for text in [*metadata, *metadata.values(), *header]:
-        try:  # JSON can escape lone surrogates ("\udc80"), which no UTF-8 file can hold
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            bad(f"corrupt header: name or metadata {text[:60]!r} is not valid Unicode (it holds a lone surrogate)")
+    _check_unicode([*metadata, *metadata.values(), *header], source)
+    entries = [_entry(key, entry, source) for key, entry in header.items()]
+    return entries, metadata
+
+
+def _check_unicode(names: list, source: str) -> None:
+    """Refuse a lone surrogate ("\\udc80": JSON can escape one, no UTF-8 file can hold one)."""
+    try:
+        "".join(names).encode("utf-8")  # one pass for all; only on failure find which
+    except UnicodeEncodeError:
+        for name in names:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise N2NError(f"{source}: corrupt header: name or metadata {name[:60]!r} is not valid Unicode (it holds a lone surrogate)") from None
+
+
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+
+
+def _entry(key: str, entry, source: str) -> tuple:
+    """(key, dtype, shape, begin, end) of one header entry, checked. Written for speed with
+    ``type(x) is int`` (which also refuses bool) and C-level passes over the shape, since a
+    header may hold a million entries."""
+    def bad(msg):
+        raise N2NError(f"{source}: {msg}")
+
+    if type(entry) is not dict or not entry.keys() <= _ENTRY_KEYS:
+        bad(f"corrupt header entry for tensor {key!r}")
+    code = entry.get("dtype")
+    dtype = DTYPES.get(code) if type(code) is str else None
+    if dtype is None:
+        bad(f"tensor {key!r} has dtype {code!r}, which this tool does not support")
+    shape = entry.get("shape")
+    if type(shape) is not list or not set(map(type, shape)) <= {int} or (shape and not 0 <= min(shape) <= max(shape) < 2**63):
+        bad(f"tensor {key!r} has an invalid shape {shape!r}")
+    if 0 in shape and math.prod(s for s in shape if s) >= 2**63:  # torch counts elements (and strides) in int64
+        bad(f"tensor {key!r} has an invalid shape {shape!r} (more than 2**63 elements)")
+    offs = entry.get("data_offsets")
+    if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int or not 0 <= offs[0] <= offs[1]:
+        bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes != offs[1] - offs[0]:
+        bad(f"tensor {key!r}: shape {shape} of {code} needs {nbytes} bytes but data_offsets span {offs[1] - offs[0]}")
+    return key, dtype, tuple(shape), offs[0], offs[1]
+
+
+def _layout(buffer, source: str, size: int, hlen: int, entries: list, metadata: dict, file) -> Checkpoint:
+    """The checkpoint, once every tensor is found to lie inside the data, without gaps or overlaps."""
+    def bad(msg):
+        raise N2NError(f"{source}: {msg}")
 
     data_start = 8 + hlen
     data_len = size - data_start
     infos = {}
-    spans = []
-    for key, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
-            bad(f"corrupt header entry for tensor {key!r}")
-        code = entry.get("dtype")
-        if not isinstance(code, str) or code not in DTYPES:
-            bad(f"tensor {key!r} has dtype {code!r}, which this tool does not support")
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in shape):
-            bad(f"tensor {key!r} has an invalid shape {shape!r}")
-        offs = entry.get("data_offsets")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-            or not 0 <= offs[0] <= offs[1]
-        ):
-            bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
-        dtype = DTYPES[code]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if math.prod(shape) * itemsize != offs[1] - offs[0]:
-            bad(f"tensor {key!r}: shape {shape} of {code} needs {math.prod(shape) * itemsize} bytes but data_offsets span {offs[1] - offs[0]}")
-        if offs[1] > data_len:
-            bad(f"truncated: tensor {key!r} ends at byte {offs[1]} of the data but the file holds only {data_len}")
-        infos[key] = TensorInfo(dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
-        spans.append((offs[0], offs[1], key))
-
-    spans.sort()
+    for key, dtype, shape, b, e in entries:
+        if e > data_len:
+            bad(f"truncated: tensor {key!r} ends at byte {e} of the data but the file holds only {data_len}")
+        infos[key] = TensorInfo(dtype, shape, data_start + b, data_start + e)
     pos = 0
-    for b, e, key in spans:
+    for b, e, key in sorted((b, e, key) for key, _, _, b, e in entries):
         if b != pos:
             bad(f"corrupt header: tensor {key!r} starts at byte {b} of the data, expected {pos} (overlap or gap)")
         pos = e

@@ -4,9 +4,9 @@ Three things can go wrong long before a surgery's exactness is in question, and 
 cheaper to refuse up front than to discover at the end:
 
 * **Memory.** ``--width 1000000000000`` would ask the allocator for terabytes; the process would
-  die (or the machine would swap) instead of saying why. :func:`check_allocation` compares an
-  estimate of what a step will hold in memory with what the machine has available and refuses
-  with the figure.
+  die (or the machine would swap) instead of saying why. :func:`check_allocation` (in
+  :mod:`n2nsurgery.memory`, re-exported here) compares an estimate of what a step will hold in
+  memory with what the machine has available and refuses with the figure.
 * **NaN and Inf.** A checkpoint whose parameters hold NaN computes NaN, and NaN = NaN passes
   any comparison that treats matching NaNs as equal: a "verified" surgery would prove nothing.
   :func:`check_finite` refuses such checkpoints unless the user opts in (``--allow-nonfinite``).
@@ -19,83 +19,19 @@ cheaper to refuse up front than to discover at the end:
 
 from __future__ import annotations
 
-import math
 import os
 import stat
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
 from .checkpoint import output_target, stdout_fd
 from .errors import N2NError
+from .memory import MAX_ELEMENTS, available_memory, check_allocation, format_bytes, tensor_bytes  # noqa: F401  (re-exported)
 from .shards import check_destination
 
 # Elements checked at once by check_finite: bounds the temporary boolean mask (16 MiB).
 _FINITE_CHUNK = 1 << 24
-
-
-# ------------------------------------------------------------------------------------ memory
-
-
-def available_memory() -> Optional[int]:
-    """Bytes of memory this process can still use: MemAvailable on Linux, else physical memory.
-
-    Returns None where neither is known (then only :data:`MAX_ELEMENTS` applies).
-    """
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-# No tensor may have more elements than this, whatever the memory: torch indexes with int64,
-# and a count this large is a typo, not a model.
-MAX_ELEMENTS = 2**48
-
-
-def format_bytes(n: float) -> str:
-    """``1536`` → ``'1.5 KiB'``: binary units, three significant figures."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.3g} PiB"  # pragma: no cover
-
-
-def tensor_bytes(shape: Iterable[int], dtype: torch.dtype) -> int:
-    """Bytes of a tensor of `shape` and `dtype` (Python integers: no overflow for any shape)."""
-    return math.prod(int(s) for s in shape) * dtype.itemsize
-
-
-def check_allocation(nbytes: int, what: str, instead: str, elements: Optional[int] = None) -> None:
-    """Refuse when `what` would need more memory than is available, before allocating any of it.
-
-    Args:
-        nbytes: the estimate, in bytes, of what the step holds in memory at its peak.
-        what: the step, as the start of a sentence (``"widening 'fc1' to 10^12 units"``).
-        instead: what would work (``"choose a smaller --width"``).
-        elements: the largest single tensor's element count, checked against :data:`MAX_ELEMENTS`.
-
-    Raises:
-        N2NError: the estimate exceeds the available memory (or a tensor would be absurdly large).
-
-    Example:
-        >>> check_allocation(10**15, "widening 'fc1' to 10^12 units", "choose a smaller --width")
-        Traceback (most recent call last):
-        N2NError: widening 'fc1' to 10^12 units would need about 909 TiB of memory ...
-    """
-    limit = available_memory()
-    too_many = elements is not None and elements > MAX_ELEMENTS
-    if too_many or (limit is not None and nbytes > limit):
-        have = f"more than the {format_bytes(limit)} available here" if limit is not None else "more than any machine has"
-        raise N2NError(f"{what} would need about {format_bytes(nbytes)} of memory, {have}; {instead}")
 
 
 # ---------------------------------------------------------------------------------- NaN / Inf
@@ -128,7 +64,10 @@ def count_nonfinite(t: torch.Tensor) -> int:
         pass
     bad = 0
     for start in range(0, flat.numel(), _FINITE_CHUNK):
-        bad += int((~torch.isfinite(flat[start : start + _FINITE_CHUNK])).sum())
+        chunk = flat[start : start + _FINITE_CHUNK]
+        if chunk.dtype.itemsize == 1:  # float8: torch has no isfinite for it; float32 holds every value
+            chunk = chunk.float()
+        bad += int((~torch.isfinite(chunk)).sum())
     return bad
 
 

@@ -19,6 +19,7 @@ import torch
 from .arch import Architecture, load_architecture, parse_architecture
 from .checkpoint import Checkpoint, LazyTensor, write_checkpoint
 from .errors import N2NError
+from .jsonio import JSONRefused, parse_json
 from .ops import get_op
 from .ops.base import ShapeError
 from .shards import write_sharded
@@ -117,6 +118,7 @@ class Model:
 
     def check(self) -> "Model":
         """Validate parameters and shapes of every node; fills :attr:`shapes`. Returns self."""
+        _refuse_empty_parameters(self.arch, self.tensors, self.source)
         self.shapes = infer_shapes(self.arch, self.tensors, self.source)
         return self
 
@@ -189,6 +191,20 @@ class Model:
     def remember(self, name: str, value) -> None:
         """Record a derived fact the caller computed more cheaply (a surgery knows what it added)."""
         self.__dict__["_memo_" + name] = (self._stamp(), value)
+
+
+def _refuse_empty_parameters(arch: Architecture, tensors: TensorStore, source: str) -> None:
+    """Refuse a parameter with a dimension of size 0: a layer without units computes nothing,
+    and no unit can be copied to widen it (the checkpoint is truncated or pruned to nothing)."""
+    for node in arch.nodes:
+        for role in get_op(node.op).params:
+            key = node.param_key(role)
+            if key in tensors and 0 in tensors.shape(key):
+                shape = list(tensors.shape(key))
+                raise N2NError(
+                    f"{source}: node {node.name!r}: parameter {key!r} has shape {shape}, with no units along dim "
+                    f"{shape.index(0)}; every layer needs at least one unit (was the checkpoint pruned or cut short?)"
+                )
 
 
 class GraphIndex:
@@ -290,9 +306,9 @@ def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optio
     history = []
     if META_HISTORY in ckpt.metadata:
         try:
-            history = json.loads(ckpt.metadata[META_HISTORY])
-        except json.JSONDecodeError:
-            raise N2NError(f"{source}: metadata n2n.history is not valid JSON") from None
+            history = parse_json(ckpt.metadata[META_HISTORY])
+        except JSONRefused as e:
+            raise N2NError(f"{source}: metadata n2n.history is not valid JSON ({e})") from None
         if not isinstance(history, list):
             raise N2NError(f"{source}: metadata n2n.history must be a JSON list")
     extra = {k: v for k, v in ckpt.metadata.items() if k not in (META_ARCH, META_HISTORY, META_FORMAT)}

@@ -32,7 +32,8 @@ from typing import Callable, Optional
 
 
 from .errors import N2NError, VerificationFailed, did_you_mean
-from .yamlio import decode_text, parse_yaml, read_text_file
+from .inputs import read_limited
+from .yamlio import MAX_YAML_BYTES, decode_text, parse_yaml, read_text_file
 
 _TOP_KEYS = ("seed", "steps", "verify", "description")
 _VERIFY_KEYS = ("probes", "atol", "rtol", "device")
@@ -183,7 +184,7 @@ def load_recipe(path: str) -> Recipe:
 
         if sys.stdin is None or sys.stdin.isatty():
             raise N2NError("standard input is a terminal: pipe a recipe into '-' or give a file path")
-        raw = sys.stdin.buffer.read()
+        raw = read_limited(sys.stdin.buffer, MAX_YAML_BYTES, "<stdin>", "a recipe YAML file")  # not /dev/zero's all
         if not raw.strip():
             raise N2NError("standard input is empty: no recipe was piped in")
         path = "<stdin>"

@@ -57,6 +57,8 @@ from .checkpoint import (
 )
 from .errors import N2NError
 from .inputs import open_input
+from .inputs import read_limited
+from .jsonio import JSONRefused, parse_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"  # Hugging Face's name for an unsharded checkpoint in a folder
@@ -333,11 +335,11 @@ def _read_index(path: str) -> tuple:
         raise N2NError(f"{path}: {msg}")
 
     with open_input(path, "a sharded-checkpoint index") as f:
-        raw = f.read()
+        raw = read_limited(f, 64 * 1024 * 1024, path, "a sharded-checkpoint index")  # real ones: < 10 MiB
     try:
-        index = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        bad(f"not a sharded-checkpoint index (invalid JSON: {e})")
+        index = parse_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, JSONRefused) as e:
+        bad(f"not a sharded-checkpoint index ({e})")
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         bad("not a sharded-checkpoint index (no weight_map object)")
     weight_map = index["weight_map"]

@@ -533,6 +533,7 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
         raise N2NError(f"--noise must be a non-negative number, got {noise!r}")
     ctx = plan_group(model, layer, width, split, seed)
+    _refuse_float8_shares(model, ctx)
     old_width = ctx.map_of(layer)[1].old_size
 
     def build(noise_level: float):
@@ -566,6 +567,18 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
         attr_changes={k: dict(v) for k, v in ctx.attr_changes.items()},
         noise_free=noise_free,
     )
+
+
+def _refuse_float8_shares(model, ctx) -> None:
+    """Dividing a consumer's weights among replicas rounds in float8 (2-3 mantissa bits): refuse
+    up front rather than fail verification (or, with --no-verify, write an inexact student)."""
+    for key, dims in sorted(ctx.remaps.items()):
+        dtype = model.tensors.dtype(key)
+        if dtype.is_floating_point and dtype.itemsize == 1 and any(r.kind == "cols" for r in dims.values()):
+            raise N2NError(
+                f"{model.source}: cannot widen {ctx.layer!r} exactly: its replicas share the outgoing weights in {key!r}, "
+                f"and {dtype} cannot hold those shares exactly; convert the checkpoint to bfloat16 or float16 first"
+            )
 
 
 def widen_group(model, layer: str) -> tuple:
