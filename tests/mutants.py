@@ -93,9 +93,7 @@ def _consumer_columns_unscaled():
     Target: the "cols" remaps handed to ``n2nsurgery.widen._apply``."""
     import torch
 
-    from n2nsurgery import widen as w
-
-    original = w._apply
+    original = importlib.import_module("n2nsurgery.widen")._apply
 
     def _apply(tensor, dims, noise, seed, key):
         unscaled = {}
@@ -113,9 +111,7 @@ def _batchnorm_stats_last_replica_only():
     """A widened batchnorm's running statistics are copied from the source channel for the LAST
     new channel only; the other new channels keep zeroed memory (the bug of a public port,
     docs/design.md#the-safety-chain). Target: ``n2nsurgery.widen._apply`` on running stats."""
-    from n2nsurgery import widen as w
-
-    original = w._apply
+    original = importlib.import_module("n2nsurgery.widen")._apply
 
     def _apply(tensor, dims, noise, seed, key):
         out = original(tensor, dims, noise, seed, key)
@@ -151,9 +147,7 @@ def _identity_conv_off_centre():
 def _verify_signed_sums():
     """Verification measures ``|Σ(y_B − y_A)|`` instead of ``max|y_B − y_A|``, so errors of
     opposite sign cancel. Target: ``n2nsurgery.verify.compare_outputs``."""
-    from n2nsurgery import verify as v
-
-    original = v.compare_outputs
+    original = importlib.import_module("n2nsurgery.verify").compare_outputs
 
     def compare_outputs(a, b, ya, yb, atol, rtol):
         checks = original(a, b, ya, yb, atol, rtol)

@@ -582,6 +582,7 @@ def _tallies(prefix: str) -> dict:
     return {kind: Tally(f"{prefix} {kind}", FLOORS[f"{prefix} {kind}"]) for kind in ("widen", "deepen")}
 
 
+@pytest.mark.slow
 def test_api_requests_preserve_the_function_or_refuse():
     """Random widen/deepen sequences through the Python API: exact against the teacher, or
     N2NError; and enough of each kind accepted."""
@@ -658,6 +659,7 @@ def _check_noise_only_on_replicas(teacher, noisy, exact, req) -> None:
 # ----------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_requests_preserve_the_function_or_exit_2(tmp_path_factory):
     """The same through `n2n widen` / `n2n deepen`: exit 0 and an exact checkpoint, or exit 2,
     one `error:` line, no output file and no temporary file left behind; and enough of each

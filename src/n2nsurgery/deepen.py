@@ -169,6 +169,7 @@ def deepen(
             an even kernel, a name already taken, a bad ``hidden``.
 
     Example:
+        >>> teacher = n2n.load_model("recipes/mlp.safetensors", "recipes/mlp.yaml")
         >>> student, report = deepen(teacher, "relu1")                      # linear, relu
         >>> student, report = deepen(teacher, "fc2", op="residual", hidden=64)
     """

@@ -84,7 +84,7 @@ def check_allocation(nbytes: int, what: str, instead: str, elements: Optional[in
     Example:
         >>> check_allocation(10**15, "widening 'fc1' to 10^12 units", "choose a smaller --width")
         Traceback (most recent call last):
-        N2NError: widening 'fc1' to 10^12 units would need about 909 TiB of memory ...
+        n2nsurgery.errors.N2NError: widening 'fc1' to 10^12 units would need about 909 TiB of memory, ...
     """
     limit = available_memory()
     too_many = elements is not None and elements > MAX_ELEMENTS
@@ -134,8 +134,7 @@ def check_finite(model, allow: bool = False) -> None:
         N2NError: names the checkpoint, the first tensor at fault and how many values are bad.
 
     Example:
-        >>> check_finite(teacher)                      # fine: nothing happens
-        >>> check_finite(broken, allow=True)           # the user opted in
+        >>> check_finite(n2n.load_model("recipes/mlp.safetensors", "recipes/mlp.yaml"))  # fine: nothing happens
     """
     if allow:
         return

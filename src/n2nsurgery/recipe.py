@@ -382,7 +382,7 @@ def apply_recipe(
         VerificationFailed: a step's student (or the final one) is not the teacher's function.
 
     Example:
-        >>> teacher = load_model("recipes/cnn.safetensors", "recipes/cnn.yaml")
+        >>> teacher = n2n.load_model("recipes/cnn.safetensors", "recipes/cnn.yaml")
         >>> student, reports = apply_recipe(teacher, load_recipe("recipes/cnn-wider-deeper.yaml"))
         >>> [r.kind for r in reports]
         ['widen', 'widen', 'deepen']

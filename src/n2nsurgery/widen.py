@@ -456,6 +456,7 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
             be preserved exactly.
 
     Example:
+        >>> teacher = n2n.load_model("recipes/mlp.safetensors", "recipes/mlp.yaml")
         >>> student, report = widen(teacher, "fc1", 48)
         >>> report.changes[0]
         {'key': 'fc1.bias', 'old_shape': [32], 'new_shape': [48]}
