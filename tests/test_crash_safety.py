@@ -8,7 +8,7 @@ A real ``n2n widen`` process writing a ~100 MB student is killed with SIGKILL at
 * the input checkpoint is untouched (same bytes, same modification time);
 * the only other thing that may remain is the killed writer's temporary file
   ``.NAME.XXXXXXXX.tmp`` beside the destination: a SIGKILLed process cannot remove it, and the
-  next run neither reads nor needs it (README, "Errors": safe to delete).
+  next run neither reads nor needs it (docs/errors.md#interrupted-writes: safe to delete).
 
 Also here: writing over an input is refused unless ``--overwrite-input``; a missing output
 folder is a clear error; both are checked before any work is written.

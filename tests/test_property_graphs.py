@@ -67,7 +67,7 @@ DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16
 # --------------------------------------------------------------------------------- interpreter
 #
 # One entry per op: (inputs, params, attrs as written in the YAML) -> output. Defaults are
-# spelled out here again on purpose (SPEC 1.2), independent of the op registry.
+# spelled out here again on purpose (docs/ops.md), independent of the op registry.
 
 
 def _conv(fn):

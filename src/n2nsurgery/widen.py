@@ -1,6 +1,6 @@
 """Net2WiderNet on a graph: give one linear/conv layer more units, and remap everything coupled.
 
-How a widening works (GUIDE 2, after Torch-Pruning's DepGraph):
+How a widening works (docs/design.md#the-coupled-walk-and-its-maps, after Torch-Pruning's DepGraph):
 
 1. Draw ONE :class:`UnitMap` for the layer's new width: new unit ``j`` copies old unit
    ``src[j]`` (the first ``n`` map to themselves, the extra ones pick uniformly at random with
