@@ -56,9 +56,10 @@ CLI_EXAMPLES = 500 if LONG else 60
 # interpreter runs in float64, so the only error is the rounding of the remapped weights
 # (w · share stored back in the checkpoint dtype).
 # Minimum shares of accepted requests (tests/acceptance.py): a refusal passes the property, so
-# without a floor a tool that refused everything would pass. A little under the rates measured
-# with the ci profile (api: widen 241/444, deepen 90/271; cli: widen 31/58, deepen 5/19).
-FLOORS = {"api widen": 0.45, "api deepen": 0.25, "cli widen": 0.40, "cli deepen": 0.15}
+# without a floor a tool that refused everything would pass. Under the rates measured with the
+# ci profile: api widen 54-62%, deepen 32-42% (they move by several points between processes,
+# derandomized or not); cli widen 31/58, deepen 5/19.
+FLOORS = {"api widen": 0.40, "api deepen": 0.20, "cli widen": 0.40, "cli deepen": 0.15}
 
 REL_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
