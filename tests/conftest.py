@@ -57,3 +57,13 @@ def runner() -> CliRunner:
 def _no_debug_env(monkeypatch):
     """A developer's N2N_DEBUG=1 would add tracebacks that the error tests assert are absent."""
     monkeypatch.delenv("N2N_DEBUG", raising=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the acceptance rates of the property and fuzz tests (tests/acceptance.py)."""
+    from acceptance import RESULTS
+
+    if RESULTS:
+        terminalreporter.section("acceptance rates")
+        for line in RESULTS:
+            terminalreporter.write_line(line)

@@ -1,4 +1,4 @@
-"""Checkpoint I/O (SPEC 2): interoperability with the safetensors library, dtypes, metadata,
+"""Checkpoint I/O (docs/format.md#checkpoints-pipes-and-exit-codes): interoperability with the safetensors library, dtypes, metadata,
 atomic writes, byte-for-byte determinism across processes, stdin/stdout, and inputs left alone."""
 
 from __future__ import annotations

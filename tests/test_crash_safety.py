@@ -8,7 +8,7 @@ A real ``n2n widen`` process writing a ~100 MB student is killed with SIGKILL at
 * the input checkpoint is untouched (same bytes, same modification time);
 * the only other thing that may remain is the killed writer's temporary file
   ``.NAME.XXXXXXXX.tmp`` beside the destination: a SIGKILLed process cannot remove it, and the
-  next run neither reads nor needs it (README, "Errors": safe to delete).
+  next run neither reads nor needs it (docs/errors.md#interrupted-writes: safe to delete).
 
 Also here: writing over an input is refused unless ``--overwrite-input``; a missing output
 folder is a clear error; both are checked before any work is written.
@@ -131,6 +131,7 @@ def _dest_state(big, folder, dest, previous, input_state) -> str:
     return "new"
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_leaves_no_partial_file(big, tmp_path):
     """Three kills (two while the temporary file is being written, one anywhere in the run), the
     first over an older complete output; then an uninterrupted run beside what they left."""
@@ -153,6 +154,7 @@ def test_sigkill_while_writing_leaves_no_partial_file(big, tmp_path):
     assert _temp_files(tmp_path, dest.name) == stale  # not ours to delete: another run may own one
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_sharded_checkpoint(big, tmp_path):
     """A sharded output is written into a temporary folder renamed into place: after a kill the
     destination folder is absent or complete (every shard and the index, the widened tensors)."""
@@ -224,6 +226,7 @@ def test_overwrite_input_replaces_it_whole(runner, cnn, command):
     assert sorted(os.listdir(ckpt.parent)) == ["cnn.safetensors", "cnn.yaml"]
 
 
+@pytest.mark.slow
 def test_sigkill_while_overwriting_the_input(big, tmp_path):
     """--overwrite-input killed mid-write: the input path holds the old or the new file, whole."""
     folder = tmp_path

@@ -1,4 +1,4 @@
-"""The README's error catalogue ("## Errors") is kept true by this test.
+"""The error catalogue (docs/errors.md, "## Catalogue") is kept true by this test.
 
 Every row of the table names a case (first column, in backticks) that :data:`CASES` below knows
 how to trigger; the test runs it and checks the exit code and the start of the message. The
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, example_paths
 from n2nsurgery.cli import app
 
-README = REPO / "README.md"
+ERRORS_DOC = REPO / "docs" / "errors.md"
 CNN_CKPT, CNN_ARCH = example_paths("cnn")
 MLP_CKPT, MLP_ARCH = example_paths("mlp")
 
@@ -175,14 +175,14 @@ CASES = {
 }
 
 
-# --------------------------------------------------------------------------- the README table
+# ------------------------------------------------------------------------- the catalogue table
 
 
 def catalogue() -> list:
-    """(case, situation, message, exit code) for every row of the README's "## Errors" table."""
-    text = README.read_text()
-    m = re.search(r"^## Errors\n(.*?)(?=^## )", text, re.S | re.M)
-    assert m, "README.md has no '## Errors' section"
+    """(case, situation, message, exit code) for every row of the "## Catalogue" table of docs/errors.md."""
+    text = ERRORS_DOC.read_text()
+    m = re.search(r"^## Catalogue\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert m, "docs/errors.md has no '## Catalogue' section"
     rows = []
     for line in m.group(1).splitlines():
         if not line.startswith("| `"):
@@ -203,8 +203,8 @@ def test_catalogue_and_cases_name_the_same_cases():
     documented = [r[0] for r in ROWS]
     assert len(documented) == len(set(documented)), "a case is documented twice"
     assert set(documented) == set(CASES), (
-        f"in the README but not here: {sorted(set(documented) - set(CASES))}; "
-        f"here but not in the README: {sorted(set(CASES) - set(documented))}"
+        f"in docs/errors.md but not here: {sorted(set(documented) - set(CASES))}; "
+        f"here but not in docs/errors.md: {sorted(set(CASES) - set(documented))}"
     )
 
 

@@ -1,4 +1,4 @@
-"""`n2n inspect` and `n2n verify` (SPEC 3, 3.3) on the shipped examples and on checkpoints
+"""`n2n inspect` and `n2n verify` (docs/commands.md) on the shipped examples and on checkpoints
 exported from ordinary torch.nn modules; the executor against the examples' torch.nn modules."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every op of the first set (SPEC 1.2), run through our executor, against torch.nn.
+"""Every op of the first set (docs/ops.md), run through our executor, against torch.nn.
 
 Each test builds a one-node architecture, binds it to the state_dict of the equivalent
 ``torch.nn`` module (or to no parameters), runs it with :func:`n2nsurgery.executor.run`, and

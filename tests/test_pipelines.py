@@ -27,7 +27,7 @@ def n2n() -> str:
 
 
 def test_widen_deepen_apply_verify_pipeline_under_pipefail(n2n, tmp_path):
-    """The SPEC 3 chain, with apply in the middle and tee keeping a copy of the bytes that flowed."""
+    """The chain of docs/commands.md#pipelines, with apply in the middle and tee keeping a copy of the bytes that flowed."""
     ckpt, arch = example_paths("cnn")
     recipe = tmp_path / "more.yaml"
     recipe.write_text("seed: 2\nsteps:\n  - widen: {layer: conv2, width: 12, split: random}\n  - deepen: {after: relu1}\n")

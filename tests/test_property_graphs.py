@@ -44,6 +44,7 @@ from n2nsurgery.widen import widen  # noqa: E402
 
 # ------------------------------------------------------------------------------------ profiles
 
+from acceptance import Tally  # noqa: E402
 from hypothesis_profiles import LONG  # noqa: E402  (registers and loads "ci" / "long")
 
 # Examples per test: (ci, long). The API property carries the bulk; the CLI one is slower per
@@ -54,6 +55,12 @@ CLI_EXAMPLES = 500 if LONG else 60
 # max |Δ| / max |y| allowed, by the least precise dtype among the checkpoint's tensors. The
 # interpreter runs in float64, so the only error is the rounding of the remapped weights
 # (w · share stored back in the checkpoint dtype).
+# Minimum shares of accepted requests (tests/acceptance.py): a refusal passes the property, so
+# without a floor a tool that refused everything would pass. Under the rates measured with the
+# ci profile: api widen 54-62%, deepen 32-42% (they move by several points between processes,
+# derandomized or not); cli widen 31/58, deepen 5/19.
+FLOORS = {"api widen": 0.40, "api deepen": 0.20, "cli widen": 0.40, "cli deepen": 0.15}
+
 REL_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -61,7 +68,7 @@ DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16
 # --------------------------------------------------------------------------------- interpreter
 #
 # One entry per op: (inputs, params, attrs as written in the YAML) -> output. Defaults are
-# spelled out here again on purpose (SPEC 1.2), independent of the op registry.
+# spelled out here again on purpose (docs/ops.md), independent of the op registry.
 
 
 def _conv(fn):
@@ -572,10 +579,23 @@ def _unchanged(model, snap) -> bool:
 # ------------------------------------------------------------------------------------ properties
 
 
+def _tallies(prefix: str) -> dict:
+    return {kind: Tally(f"{prefix} {kind}", FLOORS[f"{prefix} {kind}"]) for kind in ("widen", "deepen")}
+
+
+@pytest.mark.slow
+def test_api_requests_preserve_the_function_or_refuse():
+    """Random widen/deepen sequences through the Python API: exact against the teacher, or
+    N2NError; and enough of each kind accepted."""
+    tallies = _tallies("api")
+    _api_examples(tallies=tallies)
+    for tally in tallies.values():
+        tally.check()
+
+
 @settings(max_examples=API_EXAMPLES)
 @given(graph=graphs(), data=st.data())
-def test_api_requests_preserve_the_function_or_refuse(graph, data):
-    """Random widen/deepen sequences through the Python API: exact against the teacher, or N2NError."""
+def _api_examples(graph, data, tallies):
     teacher = n2n.model_from_state_dict(graph.yaml, graph.state_dict)
     probes = graph.probes()
     want = interpret(graph.yaml, graph.state_dict, probes)
@@ -588,6 +608,7 @@ def test_api_requests_preserve_the_function_or_refuse(graph, data):
         try:
             student, exact = apply_request(model, req)
         except N2NError as e:
+            tallies[kind].refuse()
             event(f"{req['kind']} refused: {_reason(e)}")
             assert str(e).strip(), f"refusal without a message for {req}"
             assert "\n" not in str(e), f"a refusal is one line: {e}"
@@ -597,6 +618,7 @@ def test_api_requests_preserve_the_function_or_refuse(graph, data):
             assert _unchanged(model, snap), f"a refused request changed its input model: {req}"
             continue
         assert _unchanged(model, snap), f"the surgery changed its input model: {req}"
+        tallies[kind].accept()
         event(f"{req['kind']} accepted")
         sd = exact.tensors.to_dict()
         got = interpret(exact.arch.to_yaml(), sd, probes)
@@ -638,11 +660,20 @@ def _check_noise_only_on_replicas(teacher, noisy, exact, req) -> None:
 # ----------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
+def test_cli_requests_preserve_the_function_or_exit_2(tmp_path_factory):
+    """The same through `n2n widen` / `n2n deepen`: exit 0 and an exact checkpoint, or exit 2,
+    one `error:` line, no output file and no temporary file left behind; and enough of each
+    kind accepted."""
+    tallies = _tallies("cli")
+    _cli_examples(tmp_path_factory=tmp_path_factory, tallies=tallies)
+    for tally in tallies.values():
+        tally.check()
+
+
 @settings(max_examples=CLI_EXAMPLES)
 @given(graph=graphs(), data=st.data())
-def test_cli_requests_preserve_the_function_or_exit_2(graph, data, tmp_path_factory):
-    """The same through `n2n widen` / `n2n deepen`: exit 0 and an exact checkpoint, or exit 2,
-    one `error:` line, no output file and no temporary file left behind."""
+def _cli_examples(graph, data, tmp_path_factory, tallies):
     from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
 
@@ -671,12 +702,14 @@ def test_cli_requests_preserve_the_function_or_exit_2(graph, data, tmp_path_fact
         assert "Traceback" not in result.output
         event(f"cli {req['kind']} exit {result.exit_code}")
         if result.exit_code == 2:
+            tallies[kind].refuse()
             lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
             assert lines and lines[-1].startswith("error: "), result.stderr
             assert not lines[-1].startswith("error: <architecture>: node"), f"{cmd} built an invalid student: {lines[-1]}"
             assert not out.exists(), f"{cmd} refused but wrote {out}"
             assert sorted(os.listdir(folder)) == before, "a refused request left files behind"
             continue
+        tallies[kind].accept()
         assert sorted(os.listdir(folder)) == sorted(before + [out.name]), "stray files after a write"
         from safetensors import safe_open
 

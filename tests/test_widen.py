@@ -359,7 +359,7 @@ REFUSALS = [
     (["--layer", "fc9", "--width", "40"], "no node named 'fc9'", "did you mean"),
     (["--layer", "relu1", "--width", "40"], "is a relu", "widen its producer 'fc1'"),
     (["--layer", "fc1", "--width", "32"], "not larger than the current width", "give a width above 32"),
-    (["--layer", "fc1", "--width", "8"], "narrowing cannot preserve the function", ""),
+    (["--layer", "fc1", "--width", "8"], "narrowing cannot preserve the function", "give a width above 32"),
     (["--layer", "fc3", "--width", "12"], "reaches model output 'fc3'", "widen a layer whose units feed another layer"),
     (["--layer", "x", "--width", "20"], "'x' is a model input", "widen a linear or conv node"),
 ]

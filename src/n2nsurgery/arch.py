@@ -1,4 +1,4 @@
-"""Architecture files (SPEC 1.1): parse, validate, order and write the YAML that wires a model.
+"""Architecture files (docs/format.md): parse, validate, order and write the YAML that wires a model.
 
 An :class:`Architecture` is pure data: inputs, nodes and outputs. It knows nothing about tensors;
 :mod:`n2nsurgery.model` binds it to a checkpoint and checks shapes. Everything that can be checked

@@ -10,7 +10,7 @@ Why our own header handling rather than ``safetensors.torch.load_file``/``save_f
   (the finiteness check, remap sources, verification) use :meth:`Checkpoint.mapped` instead,
   a view of the memory map that is unmapped right after, which saves the copy; nothing we do
   with a tensor can reach the input file;
-* ``save_file`` writes the metadata map in a different key order in each process (GUIDE 5), so
+* ``save_file`` writes the metadata map in a different key order in each process (docs/design.md#io-and-streaming), so
   "same seed, same bytes" needs a header we write ourselves, with sorted keys; writing it
   ourselves also lets us stream tensor bytes one at a time instead of building the whole file in
   memory.

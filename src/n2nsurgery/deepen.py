@@ -1,6 +1,6 @@
 """Net2DeeperNet: insert a new layer after a node without changing what the model computes.
 
-Two kinds of insertion (SPEC 3.2, GUIDE 1):
+Two kinds of insertion (docs/deepen.md, docs/design.md#deepen-and-value-ranges):
 
 * **Identity layer** (``op="linear"`` or ``op="conv"``): ``h ← φ(bn(I · h))``. A linear layer gets
   the identity matrix and a zero bias; a convolution gets a centred delta kernel (index k//2 on
@@ -14,7 +14,7 @@ Two kinds of insertion (SPEC 3.2, GUIDE 1):
   zero bias, so the branch adds exactly zero whatever φ is and wherever it is inserted; ``W1``
   gets PyTorch's default (kaiming-uniform) initialisation from a generator seeded by ``seed``.
 
-New nodes and tensors follow SPEC naming (``NEW.weight``, ``NEW_bn.running_mean``, ...), are
+New nodes and tensors follow state_dict naming (docs/format.md) (``NEW.weight``, ``NEW_bn.running_mean``, ...), are
 inserted right after ``after`` in the architecture, and take over ``after``'s consumers and any
 model output that named it. The new layer is an ordinary linear/conv node, so it can be widened
 afterwards like any other.
@@ -186,6 +186,7 @@ def deepen(
             an even kernel, a name already taken, a bad ``hidden``.
 
     Example:
+        >>> teacher = n2n.load_model("recipes/mlp.safetensors", "recipes/mlp.yaml")
         >>> student, report = deepen(teacher, "relu1")                      # linear, relu
         >>> student, report = deepen(teacher, "fc2", op="residual", hidden=64)
     """

@@ -77,8 +77,11 @@ def diff_models(a, b, *, values: bool = False) -> ModelDiff:
         A :class:`ModelDiff`; ``to_dict()`` gives the JSON ``n2n diff --json`` prints.
 
     Example:
+        >>> from n2nsurgery.widen import widen
+        >>> teacher = n2n.load_model("recipes/cnn.safetensors", "recipes/cnn.yaml")
+        >>> student, _ = widen(teacher, "conv1", 64)
         >>> d = diff_models(teacher, student)
-        >>> [(t.key, t.old_shape, t.new_shape) for t in d.tensors_reshaped][:1]
+        >>> [(t.key, t.old_shape, t.new_shape) for t in d.tensors_reshaped if t.key == "conv1.weight"]
         [('conv1.weight', [8, 3, 3, 3], [64, 3, 3, 3])]
     """
     import torch
@@ -135,8 +138,11 @@ def summarize(d) -> str:
     """One line for a diff (a :class:`ModelDiff` or its ``to_dict()``), e.g. for a summary table.
 
     Example:
+        >>> from n2nsurgery.deepen import deepen
+        >>> teacher = n2n.load_model("recipes/cnn.safetensors", "recipes/cnn.yaml")
+        >>> student, _ = deepen(teacher, "relu2")
         >>> summarize(diff_models(teacher, student))
-        '+2 nodes (conv_d1, relu_d1); +2 tensors; params 1,234 → 2,468'
+        '+2 nodes (relu2_deep, relu2_deep_relu); 1 node changed (flat); +2 tensors; params 1,842 → 2,426'
     """
     if isinstance(d, ModelDiff):
         d = d.to_dict()

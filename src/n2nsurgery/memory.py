@@ -69,7 +69,7 @@ def check_allocation(nbytes: int, what: str, instead: str, elements: Optional[in
     Example:
         >>> check_allocation(10**15, "widening 'fc1' to 10^12 units", "choose a smaller --width")
         Traceback (most recent call last):
-        N2NError: widening 'fc1' to 10^12 units would need about 909 TiB of memory ...
+        n2nsurgery.errors.N2NError: widening 'fc1' to 10^12 units would need about 909 TiB of memory, ...
     """
     limit = available_memory()
     too_many = elements is not None and elements > MAX_ELEMENTS

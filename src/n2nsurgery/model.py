@@ -291,7 +291,7 @@ def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optio
     Example:
         >>> m = load_model("recipes/mlp.safetensors", "recipes/mlp.yaml")
         >>> m.shapes["fc2"]
-        (10,)
+        (32,)
     """
     ckpt = open_any(checkpoint)
     source = ckpt.source
@@ -357,6 +357,7 @@ def save_model(model: Model, dest: str, max_shard_size: int | str | None = None)
             (see :mod:`n2nsurgery.shards`).
 
     Example:
+        >>> m = load_model("recipes/mlp.safetensors", "recipes/mlp.yaml")
         >>> save_model(m, "student.safetensors")
         >>> save_model(m, "student", max_shard_size="500MB")
     """

@@ -1,4 +1,4 @@
-"""Recipes (SPEC 4): a reviewed, rerunnable list of surgery steps, applied and verified in order.
+"""Recipes (docs/commands.md#recipes-n2n-apply): a reviewed, rerunnable list of surgery steps, applied and verified in order.
 
 A recipe is a small YAML file::
 
@@ -52,7 +52,7 @@ class VerifySettings:
 
     enabled: bool = True
     probes: int = 64
-    atol: Optional[float] = None  # None: the default for the checkpoint's dtype (SPEC 3.3)
+    atol: Optional[float] = None  # None: the default for the checkpoint's dtype (docs/commands.md#verify)
     rtol: Optional[float] = None
     device: str = "auto"
 
@@ -193,7 +193,7 @@ def load_recipe(path: str) -> Recipe:
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    """Parse and strictly validate recipe YAML text (SPEC 4).
+    """Parse and strictly validate recipe YAML text (docs/commands.md#recipes-n2n-apply).
 
     Args:
         text: the YAML.
@@ -406,7 +406,7 @@ def apply_recipe(
         VerificationFailed: a step's student (or the final one) is not the teacher's function.
 
     Example:
-        >>> teacher = load_model("recipes/cnn.safetensors", "recipes/cnn.yaml")
+        >>> teacher = n2n.load_model("recipes/cnn.safetensors", "recipes/cnn.yaml")
         >>> student, reports = apply_recipe(teacher, load_recipe("recipes/cnn-wider-deeper.yaml"))
         >>> [r.kind for r in reports]
         ['widen', 'widen', 'deepen']

@@ -287,9 +287,10 @@ def open_sharded(path: str):
             with the index. The message names the file.
 
     Example:
+        >>> _ = write_sharded("student", {"a": torch.ones(4), "b": torch.zeros(4)}, {"format": "pt"}, 16)
         >>> ckpt = open_sharded("student/")
-        >>> ckpt.shard_of("fc1.weight")
-        'model-00001-of-00002.safetensors'
+        >>> ckpt.shard_of("b")
+        'model-00002-of-00002.safetensors'
     """
     if os.path.isdir(path):
         index = find_index(path)

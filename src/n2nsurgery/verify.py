@@ -1,4 +1,4 @@
-"""Prove that two models compute the same function on random probes (SPEC 3.3).
+"""Prove that two models compute the same function on random probes (docs/commands.md#verify).
 
 Both models see the same probes: standard normal for float inputs, uniform integers in
 ``[0, high)`` for integer inputs, drawn on the CPU from ``seed`` so every device sees the same

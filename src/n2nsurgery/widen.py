@@ -1,6 +1,6 @@
 """Net2WiderNet on a graph: give one linear/conv layer more units, and remap everything coupled.
 
-How a widening works (GUIDE 2, after Torch-Pruning's DepGraph):
+How a widening works (docs/design.md#the-coupled-walk-and-its-maps, after Torch-Pruning's DepGraph):
 
 1. *Collect the coupled group and its constraints.* Assigning a layout to the layer's output
    value starts a walk over the graph: each op's ``widen`` rule (in its definition in
@@ -526,6 +526,7 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
             be preserved exactly.
 
     Example:
+        >>> teacher = n2n.load_model("recipes/mlp.safetensors", "recipes/mlp.yaml")
         >>> student, report = widen(teacher, "fc1", 48)
         >>> report.changes[0]
         {'key': 'fc1.bias', 'old_shape': [32], 'new_shape': [48]}
