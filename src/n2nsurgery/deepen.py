@@ -152,6 +152,7 @@ def deepen(
     hidden: Optional[int] = None,
     name: Optional[str] = None,
     seed: int = 0,
+    block: Optional[str] = None,
 ):
     """Insert a new layer after node `after`, initialised so the function is unchanged.
 
@@ -175,7 +176,11 @@ def deepen(
             ``NAME.fc1``/``NAME.conv1``, ``NAME.bn``, ``NAME.<act>``, ``NAME.fc2``/``NAME.conv2``
             (the state_dict names of a torch submodule). Default: ``<after>_deep``, or
             ``<after>_deep2``, ... when taken.
-        seed: seeds the initialisation of a residual branch's ``W1``.
+        seed: seeds the initialisation of a residual branch's ``W1`` (of a ``zero`` block's readers).
+        block: ``copy`` or ``zero``: insert a whole pre-norm residual block after block output
+            `after` instead of one layer (:func:`n2nsurgery.blocks.deepen_block`; the other
+            options must keep their defaults). Later blocks are renumbered; the report's
+            ``renames`` maps their old node names to the new ones.
 
     Returns:
         ``(student, report)``: the new, shape-checked model with a ``deepen`` step appended to
@@ -189,6 +194,11 @@ def deepen(
         >>> student, report = deepen(teacher, "relu1")                      # linear, relu
         >>> student, report = deepen(teacher, "fc2", op="residual", hidden=64)
     """
+    if block is not None:
+        from .blocks import deepen_block
+
+        _check_block_options(op, activation, kernel_size, batchnorm, hidden, name)
+        return deepen_block(model, after, block, seed=seed)
     arch = model.arch
     _check_after(arch, after)
     if op not in OPS:
@@ -286,6 +296,17 @@ def _check_after(arch: Architecture, after: str) -> None:
     raise N2NError(
         f"no node named {after!r} to deepen after{did_you_mean(after, names)}; `n2n inspect` lists the nodes"
     )
+
+
+def _check_block_options(op, activation, kernel_size, batchnorm, hidden, name) -> None:
+    """--block builds a whole block: the options that shape one new layer do not apply."""
+    given = [flag for flag, used in (("--op", op != "auto"), ("--activation", activation is not None),
+                                     ("--kernel-size", kernel_size != 3), ("--batchnorm", batchnorm),
+                                     ("--hidden", hidden is not None), ("--name", name is not None)) if used]
+    if given:
+        raise N2NError(f"--block inserts a whole block named after the block it follows, so {', '.join(given)} "
+                       f"{'does' if len(given) == 1 else 'do'} not apply; drop {'it' if len(given) == 1 else 'them'}, "
+                       "or drop --block to insert one layer")
 
 
 def _pick_layer_op(op: str, shape: tuple, after: str):

@@ -43,7 +43,13 @@ class OpChoice(str, Enum):
     residual = "residual"
 
 
+class BlockChoice(str, Enum):
+    copy = "copy"
+    zero = "zero"
+
+
 _LAYER = "New layer"
+_BLOCK = "New block (transformers)"
 
 
 @app.command("deepen")
@@ -59,6 +65,7 @@ def deepen_cmd(
     batchnorm: Annotated[bool, typer.Option("--batchnorm", help="Add a batchnorm after the new layer, the identity at inference (training mode normalises by batch statistics).", rich_help_panel=_LAYER)] = False,
     hidden: Annotated[Optional[int], typer.Option("--hidden", help="Width of a residual branch (default: the width of --after).", rich_help_panel=_LAYER, show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the new node (default: <after>_deep, or _deep2, ... when taken).", rich_help_panel=_LAYER, show_default=False)] = None,
+    block: Annotated[Optional[BlockChoice], typer.Option("--block", help="Insert a whole pre-norm residual block after block --after (model.layers.3, transformer.h.3) with zero writers: copy (of that block, LLaMA-Pro) or zero (identity norms, fresh readers). Later blocks are renumbered.", rich_help_panel=_BLOCK, show_default=False)] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = DeviceChoice.auto,
     verify: VerifyOpt = True,
@@ -94,6 +101,7 @@ def deepen_cmd(
         hidden=hidden,
         name=name,
         seed=seed,
+        block=block.value if block is not None else None,
     )
     finish_surgery(
         teacher,
@@ -108,7 +116,8 @@ def deepen_cmd(
         rtol=rtol,
         json_out=json_out,
         what=f"deepening after {after!r}",
-        print_report=_print_report,
+        print_report=_print_block_report if block is not None else _print_report,
+        renames=getattr(report, "renames", None),
         max_shard_size=max_shard_size,
         overwrite_input=overwrite_input,
         allow_nonfinite=allow_nonfinite,
@@ -145,6 +154,26 @@ def _print_report(report: dict) -> None:
     last = report["nodes"][-1]["name"]
     if moved:
         console.print(f"now reading {escape(last)}: {escape(', '.join(moved))}")
+    a = report["arch"]
+    console.print(
+        f"nodes {a['nodes_before']} → {a['nodes_after']}, parameters {a['parameters_before']:,} → {a['parameters_after']:,}"
+    )
+
+
+def _print_block_report(report: dict) -> None:
+    console.print(
+        f"new block [bold]{escape(report['new_block'])}[/] after {escape(report['after'])} "
+        f"(--block {report['block']}); zeroed writers: {escape(', '.join(report['writers']))}"
+    )
+    table = Table(title="new tensors", title_justify="left")
+    for col in ("tensor", "shape", "dtype", "init"):
+        table.add_column(col)
+    for t in report["tensors"]:
+        table.add_row(escape(t["key"]), _shape(t["shape"]), t["dtype"], t["init"])
+    console.print(table)
+    if report["renames"]:
+        shown = ", ".join(f"{escape(b['from'])} → {escape(b['to'])}" for b in report["renumbered_blocks"])
+        console.print(f"renumbered {len(report['renames'])} nodes and {report['renamed_keys']} tensors: {shown}")
     a = report["arch"]
     console.print(
         f"nodes {a['nodes_before']} → {a['nodes_after']}, parameters {a['parameters_before']:,} → {a['parameters_after']:,}"
