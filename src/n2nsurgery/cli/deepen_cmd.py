@@ -59,7 +59,7 @@ def deepen_cmd(
     after: Annotated[str, typer.Option("--after", help="Node (or float model input) the new layer follows; its consumers read the new layer instead.", rich_help_panel=_LAYER, show_default=False)],
     output: OutputOpt = None,
     arch: ArchOpt = None,
-    op: Annotated[OpChoice, typer.Option("--op", help="auto: linear for 1-D features, conv for [C, *spatial]; linear/conv: identity layer; residual: x + W2·φ(W1·x) with W2 = 0 (exact after any value).", rich_help_panel=_LAYER)] = OpChoice.auto,
+    op: Annotated[OpChoice, typer.Option("--op", help="auto: linear for 1-D features and [T, d] token sequences (features last), conv for [C, *spatial]; linear/conv: identity layer; residual: x + W2·φ(W1·x) with W2 = 0 (exact after any value).", rich_help_panel=_LAYER)] = OpChoice.auto,
     activation: Annotated[Optional[str], typer.Option("--activation", help="φ after the new layer: relu, relu6, leaky_relu, sigmoid, tanh, silu, gelu or none. Default: the activation of --after when it is one (else none); relu inside a residual branch.", rich_help_panel=_LAYER, show_default=False)] = None,
     kernel_size: Annotated[int, typer.Option("--kernel-size", help="Odd kernel size of a new convolution (padding k//2, stride 1).", rich_help_panel=_LAYER)] = 3,
     batchnorm: Annotated[bool, typer.Option("--batchnorm", help="Add a batchnorm after the new layer, the identity at inference (training mode normalises by batch statistics).", rich_help_panel=_LAYER)] = False,
