@@ -319,3 +319,18 @@ def test_shipped_transformer_recipes_verify(runner, tmp_path, name, layers):
     ids = torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(0))
     (want,), (got,) = run(teacher, {"input_ids": ids}), run(student, {"input_ids": ids})
     assert _max_rel(got, want) <= REL_TOL
+
+
+def test_recipe_block_key_is_validated_and_renames_compose():
+    from n2nsurgery.recipe import _compose_renames, apply_recipe, parse_recipe
+
+    with pytest.raises(N2NError, match=r"step 1 \(deepen\): block must be one of copy, zero"):
+        parse_recipe("steps:\n  - deepen: {after: model.layers.0, block: half}\n")
+    teacher = load_model(str(RECIPES / "llama-tiny.safetensors"))
+    recipe = parse_recipe("steps:\n  - deepen: {after: model.layers.0, block: copy}\n"
+                          "  - deepen: {after: model.layers.0, block: zero}\n")
+    student, reports = apply_recipe(teacher, recipe)  # teacher's block 1 is block 3 at the end
+    assert block_names(student) == [f"model.layers.{i}" for i in range(4)]
+    inner = reports[-1].end_to_end.intermediates
+    assert reports[-1].end_to_end.passed and inner.failed == 0 and inner.compared == 30  # every teacher value
+    assert _compose_renames({"a.1": "a.2"}, {"a.2": "a.3", "a.1": "a.2"}) == {"a.1": "a.3"}
