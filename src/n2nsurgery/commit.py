@@ -72,7 +72,8 @@ def commit(teacher, student, out: Optional[str] = None, *, verify: bool = True, 
            device: str = "auto", atol: Optional[float] = None, rtol: Optional[float] = None,
            outputs_only: bool = False, noise_free=None, result: Optional[VerifyResult] = None,
            what: str = "the surgery", dry_run: bool = False, max_shard_size: Optional[int] = None,
-           overwrite_input: bool = False, allow_nonfinite: bool = False, extra_inputs: Iterable[str] = ()) -> CommitResult:
+           overwrite_input: bool = False, allow_nonfinite: bool = False, extra_inputs: Iterable[str] = (),
+           renames: Optional[dict] = None) -> CommitResult:
     """Check `student` against `teacher` and write it to `out`: the whole safety chain in one call.
 
     Args:
@@ -94,6 +95,8 @@ def commit(teacher, student, out: Optional[str] = None, *, verify: bool = True, 
         overwrite_input: allow `out` to name an input file.
         allow_nonfinite: go ahead although the teacher's parameters hold NaN or Inf.
         extra_inputs: other files the run read, which `out` must not name.
+        renames: teacher node name -> student node name for nodes the surgery renamed (a block
+            deepening's renumbered blocks), so verification compares each with its original.
 
     Returns:
         A :class:`CommitResult`: the verification (with ``intermediates``, the worst value inside),
@@ -125,7 +128,7 @@ def commit(teacher, student, out: Optional[str] = None, *, verify: bool = True, 
         if noise_free is not None:
             result, deviation = check_noisy_widening(teacher, student, noise_free, **settings)
         else:
-            result = check_student(teacher, student, **settings)
+            result = check_student(teacher, student, renames=renames, **settings)
     written = out is not None and not dry_run
     if written:
         save_model(student, out, max_shard_size=max_shard_size)

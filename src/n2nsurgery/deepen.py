@@ -152,6 +152,7 @@ def deepen(
     hidden: Optional[int] = None,
     name: Optional[str] = None,
     seed: int = 0,
+    block: Optional[str] = None,
 ):
     """Insert a new layer after node `after`, initialised so the function is unchanged.
 
@@ -159,7 +160,8 @@ def deepen(
         model: the teacher :class:`~n2nsurgery.model.Model` (not modified).
         after: a node or float model input; its consumers and any model output naming it are
             rewired to the new layer.
-        op: ``auto`` (linear for a 1-D value, conv1d/2d/3d for [C, *spatial]), ``linear``
+        op: ``auto`` (linear for a 1-D value or one whose features are on the last axis, such as
+            a transformer's [T, d] (:func:`features_last`); conv1d/2d/3d for [C, *spatial]), ``linear``
             (identity matrix over the last axis), ``conv`` (centred delta kernel), or
             ``residual`` (``h + W2·φ(W1·h)`` with ``W2 = 0``).
         activation: φ after the new layer: one of :data:`ACTIVATIONS` or ``"none"``. Default
@@ -175,7 +177,11 @@ def deepen(
             ``NAME.fc1``/``NAME.conv1``, ``NAME.bn``, ``NAME.<act>``, ``NAME.fc2``/``NAME.conv2``
             (the state_dict names of a torch submodule). Default: ``<after>_deep``, or
             ``<after>_deep2``, ... when taken.
-        seed: seeds the initialisation of a residual branch's ``W1``.
+        seed: seeds the initialisation of a residual branch's ``W1`` (of a ``zero`` block's readers).
+        block: ``copy`` or ``zero``: insert a whole pre-norm residual block after block output
+            `after` instead of one layer (:func:`n2nsurgery.blocks.deepen_block`; the other
+            options must keep their defaults). Later blocks are renumbered; the report's
+            ``renames`` maps their old node names to the new ones.
 
     Returns:
         ``(student, report)``: the new, shape-checked model with a ``deepen`` step appended to
@@ -190,13 +196,18 @@ def deepen(
         >>> student, report = deepen(teacher, "relu1")                      # linear, relu
         >>> student, report = deepen(teacher, "fc2", op="residual", hidden=64)
     """
+    if block is not None:
+        from .blocks import deepen_block
+
+        _check_block_options(op, activation, kernel_size, batchnorm, hidden, name)
+        return deepen_block(model, after, block, seed=seed)
     arch = model.arch
     _check_after(arch, after)
     if op not in OPS:
         raise N2NError(f"--op must be one of {', '.join(OPS)}, got {op!r}{did_you_mean(str(op), OPS)}")
     shape = tuple(model.shapes[after])
     residual = op == "residual"
-    layer_def = _pick_layer_op(op, shape, after)
+    layer_def = _pick_layer_op(op, shape, after, features_last(model, after))
     layer_op = layer_def.name
     uses_conv = layer_def.insert.kernel
     _check_kernel(kernel_size, uses_conv, layer_op)
@@ -289,9 +300,51 @@ def _check_after(arch: Architecture, after: str) -> None:
     )
 
 
-def _pick_layer_op(op: str, shape: tuple, after: str):
+def _check_block_options(op, activation, kernel_size, batchnorm, hidden, name) -> None:
+    """--block builds a whole block: the options that shape one new layer do not apply."""
+    given = [flag for flag, used in (("--op", op != "auto"), ("--activation", activation is not None),
+                                     ("--kernel-size", kernel_size != 3), ("--batchnorm", batchnorm),
+                                     ("--hidden", hidden is not None), ("--name", name is not None)) if used]
+    if given:
+        raise N2NError(f"--block inserts a whole block named after the block it follows, so {', '.join(given)} "
+                       f"{'does' if len(given) == 1 else 'do'} not apply; drop {'it' if len(given) == 1 else 'them'}, "
+                       "or drop --block to insert one layer")
+
+
+def features_last(model, value: str) -> bool:
+    """Whether `value` holds its features on the last axis ([T, d]: token positions first), so
+    ``--op auto`` inserts a linear layer over the last axis there, not a convolution that would
+    treat the positions as channels (and mix them once trained).
+
+    Decided from the graph: the nearest layer with units upstream says where the units are (a
+    linear's last axis, a conv's axis 0, as its OpDef's ``units`` declares); a value that
+    derives from integer token ids before meeting any such layer (an embedding, a norm over it)
+    has its features last too. A value from a float input alone: False (the layout is unknown).
+    """
+    return model.memo("features_last", lambda: _features_last_all(model)).get(value, False)
+
+
+def _features_last_all(model) -> dict:
+    """`features_last` for every value, in one pass in topological order: a layer with units
+    decides for itself; any other node inherits from its first input that has decided."""
+    decided = {name: True for name, spec in model.arch.inputs.items() if spec.high is not None}
+    for node in model.arch.nodes:
+        units = get_op(node.op).units
+        shape = tuple(model.shapes[node.name])
+        if units is not None and shape:
+            decided[node.name] = units.axis(shape, node.resolved_attrs()) == len(shape) - 1
+            continue
+        for i in node.inputs:
+            if i in decided:
+                decided[node.name] = decided[i]
+                break
+    return decided
+
+
+def _pick_layer_op(op: str, shape: tuple, after: str, last_axis: bool = False):
     """The OpDef of the new layer (the W1 of a residual branch): the registry's op for the --op
-    word ("linear", or "conv" of the value's rank) that can read `shape`."""
+    word ("linear", or "conv" of the value's rank) that can read `shape`. `last_axis`: the
+    value's features are on its last axis (:func:`features_last`), where auto picks linear."""
     rank = len(shape)
     what = f"{after!r} has shape {fmt_shape(shape)} per sample"
     if rank == 0:
@@ -304,7 +357,7 @@ def _pick_layer_op(op: str, shape: tuple, after: str):
             alt = "use --op linear" if rank == 1 else "use --op linear (it acts on the last axis)"
             raise N2NError(f"--op conv needs a value [channels, 1 to 3 spatial axes], but {what}; {alt}")
         return conv
-    if rank == 1:
+    if rank == 1 or last_axis:
         return insertable("linear", shape)
     if conv is not None:
         return conv

@@ -10,12 +10,12 @@ from .ops import get_op
 def _deepen_after(model, node, ranges) -> str:
     """What `n2n deepen --after NODE` can insert by default: an identity layer (exact with the
     default activation on this node's values) or only a zero-initialised residual branch."""
-    from .deepen import is_identity_on
+    from .deepen import features_last, is_identity_on
 
     rank = len(model.shapes[node.name])
     if rank == 0:
         return "no"  # a scalar per sample: no layer fits it
-    if rank > 4:
+    if rank > 4 and not features_last(model, node.name):  # (there, auto picks linear: deepen agrees)
         return "--op linear"  # no conv of that rank; a linear layer over the last axis still fits
     phi = node.op if get_op(node.op).activation is not None else None
     if not is_identity_on(phi, node.resolved_attrs(), ranges[node.name]):

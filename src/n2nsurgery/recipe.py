@@ -40,6 +40,7 @@ _VERIFY_KEYS = ("probes", "atol", "rtol", "device")
 _KINDS = ("widen", "deepen")
 _SPLITS = ("equal", "random")
 _DEEPEN_OPS = ("auto", "linear", "conv", "residual")
+_BLOCKS = ("copy", "zero")  # deepen block: (n2nsurgery.blocks)
 _DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -69,7 +70,10 @@ class Step:
     @property
     def target(self) -> str:
         """The node the step works on: the widened layer, or the node a layer is inserted after."""
-        return self.args["layer"] if self.kind == "widen" else self.args["after"]
+        if self.kind == "deepen":
+            return self.args["after"]
+        layer = self.args["layer"]  # a name, a glob, or a list of them
+        return layer if isinstance(layer, str) else ", ".join(layer)
 
     @property
     def label(self) -> str:
@@ -301,9 +305,13 @@ def _name(v) -> bool:
     return isinstance(v, str) and bool(v)
 
 
+def _layers(v) -> bool:
+    return _name(v) or (isinstance(v, list) and bool(v) and all(_name(x) for x in v))
+
+
 _STEP_KEYS = {
     "widen": {
-        "layer": (_name, "a node name"),
+        "layer": (_layers, "a node name, a glob (model.layers.*.mlp.up_proj) or a list of them"),
         "width": (_positive_int, "an integer > 0"),
         "split": (lambda v: v in _SPLITS, "one of " + ", ".join(_SPLITS)),
         "noise": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
@@ -317,6 +325,7 @@ _STEP_KEYS = {
         "batchnorm": (lambda v: isinstance(v, bool), "true or false"),
         "hidden": (lambda v: v is None or _positive_int(v), "an integer > 0"),
         "name": (_name, "a node name"),
+        "block": (lambda v: v in _BLOCKS, "one of " + ", ".join(_BLOCKS)),
         "seed": (_is_seed, _SEED_RANGE),
     },
 }
@@ -425,6 +434,7 @@ def apply_recipe(
 
     current = model
     reports = []
+    renames: dict = {}  # the original teacher's node names -> the current ones, where steps renamed them
     noisy = False  # a step added the paper's noise: the chain is no longer exact by design
     for step in recipe.steps:
         s = step.seed if step.seed is not None else step_seed(base_seed, step.index)
@@ -441,9 +451,11 @@ def apply_recipe(
         student.history[-1] = dict(student.history[-1], command="apply", recipe=dict(recipe_ref, step=step.index))
         noise_free = getattr(surgery_report, "noise_free", None)
         # The original teacher's parameters were checked above; each step's teacher derives from it.
+        step_renames = getattr(surgery_report, "renames", None)  # a block deepening renumbers nodes
         checked = commit(current, student, None, verify=checking, probes=settings.probes, seed=s, device=dev,
                          atol=settings.atol, rtol=settings.rtol, outputs_only=outputs_only, noise_free=noise_free,
-                         what=step.label, allow_nonfinite=True)
+                         what=step.label, allow_nonfinite=True, renames=step_renames)
+        renames = _compose_renames(renames, step_renames)
         noisy = noisy or (checking and noise_free is not None)
         rep = StepReport(
             index=step.index,
@@ -463,7 +475,7 @@ def apply_recipe(
 
     if checking and len(recipe.steps) > 1:
         reports[-1].end_to_end, reports[-1].end_to_end_judged = _check_end_to_end(
-            model, current, base_seed, settings, dev, noisy, outputs_only)
+            model, current, base_seed, settings, dev, noisy, outputs_only, renames)
     # Verified above, step by step and end to end: the chain's last link is the write.
     commit(model, current, out, verify=False, dry_run=dry_run, allow_nonfinite=allow_nonfinite, **write)
     return current, reports
@@ -473,8 +485,20 @@ def _tolerance_given(settings: VerifySettings) -> bool:
     return settings.atol is not None or settings.rtol is not None
 
 
+def _compose_renames(renames: dict, step: Optional[dict]) -> dict:
+    """Original name -> current name after one more step's renames (old -> new of that step)."""
+    if not step:
+        return renames
+    out = {orig: step.get(now, now) for orig, now in renames.items()}
+    current = set(renames.values())
+    for old, new in step.items():
+        if old not in renames and old not in current:  # still under its original name until now
+            out[old] = new
+    return out
+
+
 def _check_end_to_end(teacher, student, seed: int, settings: VerifySettings, device: str, noisy: bool,
-                      outputs_only: bool = False):
+                      outputs_only: bool = False, renames: Optional[dict] = None):
     """The final student against the original teacher, so errors cannot add up step by step.
 
     After a noisy step, with no tolerance in the recipe, the figure is measured and reported
@@ -484,7 +508,7 @@ def _check_end_to_end(teacher, student, seed: int, settings: VerifySettings, dev
     from .verify import verify as run_verify
 
     result = run_verify(teacher, student, probes=settings.probes, seed=seed, device=device, atol=settings.atol,
-                        rtol=settings.rtol, intermediates=not (noisy or outputs_only))
+                        rtol=settings.rtol, intermediates=not (noisy or outputs_only), renames=renames or None)
     judged = not noisy or _tolerance_given(settings)
     if judged and not result.passed:
         reason = result.describe_failure("the original teacher", "the final student")
@@ -497,10 +521,12 @@ def _check_end_to_end(teacher, student, seed: int, settings: VerifySettings, dev
 
 def _run_step(model, step: Step, seed: int):
     if step.kind == "widen":
-        from .widen import widen
+        from .widen import is_glob, widen, widen_many
 
-        return widen(model, step.args["layer"], step.args["width"], seed=seed,
-                     **{k: v for k, v in step.args.items() if k not in ("layer", "width")})
+        layer = step.args["layer"]
+        several = not isinstance(layer, str) or is_glob(layer)
+        return (widen_many if several else widen)(model, layer, step.args["width"], seed=seed,
+                                                  **{k: v for k, v in step.args.items() if k not in ("layer", "width")})
     from .deepen import deepen
 
     return deepen(model, step.args["after"], seed=seed, **{k: v for k, v in step.args.items() if k != "after"})

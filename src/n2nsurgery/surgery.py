@@ -30,7 +30,7 @@ def verification_summary(result: Optional[VerifyResult]) -> Optional[dict]:
 
 def check_student(teacher, student, *, probes: int = 64, seed: int = 0, device: str = "auto",
                   atol: Optional[float] = None, rtol: Optional[float] = None, what: str = "the surgery",
-                  intermediates: bool = True) -> VerifyResult:
+                  intermediates: bool = True, renames: Optional[dict] = None) -> VerifyResult:
     """Verify `student` against `teacher`; record the figures in the student's last history step.
 
     Outputs and (unless `intermediates` is false) every value the surgery kept (same node name,
@@ -41,7 +41,8 @@ def check_student(teacher, student, *, probes: int = 64, seed: int = 0, device: 
             the student computes the same function (exit 2: the input is at fault).
         VerificationFailed: the student differs from the teacher beyond tolerance.
     """
-    result = verify(teacher, student, probes=probes, seed=seed, atol=atol, rtol=rtol, device=device, intermediates=intermediates)
+    result = verify(teacher, student, probes=probes, seed=seed, atol=atol, rtol=rtol, device=device,
+                    intermediates=intermediates, renames=renames)
     _refuse_nonfinite_teacher(teacher, result)
     if student.history:
         student.history[-1] = dict(student.history[-1], verification=verification_summary(result))

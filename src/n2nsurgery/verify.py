@@ -231,12 +231,18 @@ class _Intermediates:
     produced it and then dropped, so at most the values one model is ahead by are held.
     """
 
-    def __init__(self, a, b, atol: float, rtol: float):
-        outputs = set(a.arch.outputs) | set(b.arch.outputs)  # compared as outputs already
+    def __init__(self, a, b, atol: float, rtol: float, renames: Optional[dict] = None):
+        # `renames`: A's name -> B's for nodes a surgery renamed (a deepening renumbers the blocks
+        # after the new one); values are tracked under A's names.
+        renames = renames or {}
+        outputs_a, outputs_b = set(a.arch.outputs), set(b.arch.outputs)  # compared as outputs already
         names_b = {n.name for n in b.arch.nodes}
-        common = [n.name for n in a.arch.nodes if n.name in names_b and n.name not in outputs]
-        self.names = {n for n in common if tuple(a.shapes[n]) == tuple(b.shapes[n])}
+        common = [n.name for n in a.arch.nodes
+                  if renames.get(n.name, n.name) in names_b and n.name not in outputs_a
+                  and renames.get(n.name, n.name) not in outputs_b]
+        self.names = {n for n in common if tuple(a.shapes[n]) == tuple(b.shapes[renames.get(n, n)])}
         self.order = [n for n in common if n in self.names]
+        self.name_in_a = {renames.get(n, n): n for n in self.names}  # B's name -> A's
         self.skipped_shape = len(common) - len(self.names)
         self.atol, self.rtol = atol, rtol
         self.max_abs = {}
@@ -311,6 +317,7 @@ def _run_lockstep(a, b, chunk: dict, device, dtype, tracker: _Intermediates, on_
             except StopIteration as done:
                 outputs[side] = done.value
                 continue
+            name = tracker.name_in_a.get(name) if side == "b" else name  # B's values under A's names
             if name not in tracker.names:
                 continue
             if name in pending[other]:
@@ -340,7 +347,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def verify(a, b, probes: int = 64, seed: int = 0, atol: Optional[float] = None, rtol: Optional[float] = None,
-           device: str = "auto", intermediates: bool = True) -> VerifyResult:
+           device: str = "auto", intermediates: bool = True, renames: Optional[dict] = None) -> VerifyResult:
     """Run `a` and `b` on the same random probes and compare every output, and every value inside.
 
     Args:
@@ -351,6 +358,8 @@ def verify(a, b, probes: int = 64, seed: int = 0, atol: Optional[float] = None, 
         device: ``auto`` (the GPU when present), ``cpu`` or ``cuda``.
         intermediates: also compare every node value whose name and shape both models share
             (``False``: the outputs only, ``n2n verify --outputs-only``).
+        renames: node names of `a` -> names of the same nodes in `b`, where a surgery renamed
+            them (a block deepening renumbers later blocks); None: values match by name.
 
     Returns:
         A :class:`VerifyResult`; ``passed`` says whether every output (and every shared value)
@@ -374,7 +383,7 @@ def verify(a, b, probes: int = 64, seed: int = 0, atol: Optional[float] = None, 
     ya, yb = [], []
     starts = range(0, probes, PROBE_CHUNK)
     steps = len(starts) * (len(a.arch.nodes) + len(b.arch.nodes))
-    tracker = _Intermediates(a, b, atol, rtol) if intermediates else None
+    tracker = _Intermediates(a, b, atol, rtol, renames) if intermediates else None
     with progress.task("verifying", steps, unit="nodes", size=len(starts) * (_param_bytes(a) + _param_bytes(b))) as bar:
         for start in starts:
             chunk = {k: v[start : start + PROBE_CHUNK] for k, v in inputs.items()}

@@ -628,3 +628,132 @@ def _check_memory(model, layer: str, width: int, remaps: Optional[dict] = None) 
             total += sizes[-1] * model.tensors.dtype(k).itemsize
         total += 16 * max(sizes)
     check_allocation(total, f"widening {layer!r} to {width} units", "choose a smaller --width", elements=max(sizes))
+
+
+# ------------------------------------------------------------------------- several layers
+
+
+_GLOB_CHARS = "*?["
+
+
+def is_glob(pattern: str) -> bool:
+    """Whether a ``--layer`` value is a glob (fnmatch on node names) rather than one name."""
+    return any(c in pattern for c in _GLOB_CHARS)
+
+
+def expand_layers(model, patterns) -> list:
+    """The layers ``--layer`` values name, in order, each once: a plain name is itself (checked
+    when it is widened); a glob (``model.layers.*.mlp.up_proj``, fnmatch on node names) stands
+    for the layers with units of their own that it matches, in graph order.
+
+    Raises:
+        N2NError: a glob that matches no node, or only nodes without units (naming close ones).
+    """
+    from fnmatch import fnmatchcase
+
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = model.arch.node_names()
+    out = {}
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise N2NError(f"--layer must be a node name or a glob, got {pattern!r}")
+        if not is_glob(pattern):
+            out.setdefault(pattern)
+            continue
+        matches = [n for n in names if fnmatchcase(n, pattern)]
+        layers = [n for n in matches if _has_units(graph_index(model).by_name[n])]
+        if not layers:
+            raise N2NError(_no_match(model, pattern, matches))
+        for n in layers:
+            out.setdefault(n)
+    return list(out)
+
+
+def _no_match(model, pattern: str, matches: list) -> str:
+    if matches:
+        shown = ", ".join(repr(m) for m in matches[:4]) + (", ..." if len(matches) > 4 else "")
+        return (f"--layer {pattern!r} matches {len(matches)} node(s) ({shown}), but none is a layer with units of its own "
+                "(linear or conv); make the glob end at a layer's name, e.g. model.layers.*.mlp.up_proj")
+    import difflib
+    import re
+
+    # Compare globs with globs: block numbers in the names become *, as users write them.
+    names = [n.name for n in model.arch.nodes if _has_units(n)] or model.arch.node_names()
+    candidates = list(dict.fromkeys([re.sub(r"(?<=\.)\d+(?=\.|$)", "*", n) for n in names] + names))
+    close = difflib.get_close_matches(pattern, candidates, n=3, cutoff=0.6)
+    hint = f"; close names: {', '.join(close)}" if close else "; `n2n inspect` lists the layers"
+    return f"--layer {pattern!r} matches no node (globs match whole node names, fnmatch-style){hint}"
+
+
+@dataclass
+class MultiWidenReport:
+    """What :func:`widen_many` did: one :class:`WidenReport` per coupled group, in order."""
+
+    layers: list  # the --layer values as given (names and globs)
+    width: int
+    seed: int
+    groups: list  # WidenReport per group widened
+    skipped: list  # [{"layer", "widened_with"}]: matches already widened with an earlier group's layer
+    noise_free: Optional[object] = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "command": "widen",
+            "layers": list(self.layers),
+            "width": self.width,
+            "seed": self.seed,
+            "groups": [{k: v for k, v in g.to_dict().items() if k != "command"} for g in self.groups],
+            "skipped": [dict(s) for s in self.skipped],
+        }
+
+
+def group_seed(seed: int, index: int) -> int:
+    """The seed of the `index`-th group (0-based) of a several-layer widening: the first uses
+    `seed` itself (so one layer widens as ``widen`` does), later ones a value derived from it."""
+    return seed if index == 0 else (seed * 1_000_003 + index) % 2**63
+
+
+def widen_many(model, layers, width: int, *, seed: int = 0, **options):
+    """Widen several layers to `width` units each, every one as its own coupled group, one after
+    another (``--layer`` repeated, or a glob).
+
+    A layer that an earlier layer's group already widened (gate_proj and up_proj of one SwiGLU
+    MLP; two writers of one residual stream) is not widened again: it is listed in the report's
+    ``skipped`` with the layer it was widened with. The student carries ONE history step; verify
+    it once against `model`.
+
+    Args:
+        model: the teacher; not modified.
+        layers: node names and globs (see :func:`expand_layers`).
+        width: the new width of every group.
+        seed: group k draws its map from :func:`group_seed` (seed, k).
+        options: passed to :func:`widen` for every group (split, noise, ...).
+
+    Returns:
+        ``(student, MultiWidenReport)``.
+
+    Example:
+        >>> student, report = widen_many(teacher, ["model.layers.*.mlp.up_proj"], 128)
+        >>> [g.layer for g in report.groups]
+        ['model.layers.0.mlp.up_proj', 'model.layers.1.mlp.up_proj']
+    """
+    given = [layers] if isinstance(layers, str) else list(layers)
+    names = expand_layers(model, given)
+    student, groups, skipped, done = model, [], [], {}
+    for name in names:
+        if name in done:
+            skipped.append({"layer": name, "widened_with": done[name]})
+            continue
+        student, report = widen(student, name, width, seed=group_seed(seed, len(groups)), **options)
+        groups.append(report)
+        for member in report.group:
+            done.setdefault(member, name)
+    args = {"layer": given, "width": width, **{k: v for k, v in options.items()}}
+    student.history = model.history + [history_step("widen", args, seed)]  # one step, as the user asked for it
+    noise_free = None
+    if options.get("noise", 0.0) > 0:  # the same maps without noise: what strict verification holds
+        noise_free, _ = widen_many(model, given, width, seed=seed, **dict(options, noise=0.0))
+    for g in groups:
+        g.noise_free = None  # each was relative to the previous group's (noisy) student
+    return student, MultiWidenReport(given, width, seed, groups, skipped, noise_free)

@@ -271,7 +271,7 @@ def finish_surgery(teacher, student, report: dict, *, output: Optional[str], ver
                    device: str, atol, rtol, json_out: bool, what: str, print_report=None, result=None,
                    max_shard_size: Optional[int] = None, overwrite_input: bool = False,
                    allow_nonfinite: bool = False, noise_free=None, dry_run: bool = False,
-                   outputs_only: bool = False) -> None:
+                   outputs_only: bool = False, renames: Optional[dict] = None) -> None:
     """Run the safety chain (:func:`n2nsurgery.commit.commit`) on the student, then report.
 
     A student that fails verification is not written (exit 1). `report` is the surgery's own
@@ -286,7 +286,7 @@ def finish_surgery(teacher, student, report: dict, *, output: Optional[str], ver
     done = commit(teacher, student, output, verify=verify, probes=probes, seed=seed, device=device, atol=atol,
                   rtol=rtol, outputs_only=outputs_only, noise_free=noise_free, result=result, what=what,
                   dry_run=dry_run, max_shard_size=max_shard_size, overwrite_input=overwrite_input,
-                  allow_nonfinite=allow_nonfinite)
+                  allow_nonfinite=allow_nonfinite, renames=renames)
     if done.noise_deviation is not None:
         report["noise_deviation"] = done.noise_deviation
     result = done.verification

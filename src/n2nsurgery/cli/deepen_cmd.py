@@ -43,7 +43,13 @@ class OpChoice(str, Enum):
     residual = "residual"
 
 
+class BlockChoice(str, Enum):
+    copy = "copy"
+    zero = "zero"
+
+
 _LAYER = "New layer"
+_BLOCK = "New block (transformers)"
 
 
 @app.command("deepen")
@@ -53,12 +59,13 @@ def deepen_cmd(
     after: Annotated[str, typer.Option("--after", help="Node (or float model input) the new layer follows; its consumers read the new layer instead.", rich_help_panel=_LAYER, show_default=False)],
     output: OutputOpt = None,
     arch: ArchOpt = None,
-    op: Annotated[OpChoice, typer.Option("--op", help="auto: linear for 1-D features, conv for [C, *spatial]; linear/conv: identity layer; residual: x + W2·φ(W1·x) with W2 = 0 (exact after any value).", rich_help_panel=_LAYER)] = OpChoice.auto,
+    op: Annotated[OpChoice, typer.Option("--op", help="auto: linear for 1-D features and [T, d] token sequences (features last), conv for [C, *spatial]; linear/conv: identity layer; residual: x + W2·φ(W1·x) with W2 = 0 (exact after any value).", rich_help_panel=_LAYER)] = OpChoice.auto,
     activation: Annotated[Optional[str], typer.Option("--activation", help="φ after the new layer: relu, relu6, leaky_relu, sigmoid, tanh, silu, gelu or none. Default: the activation of --after when it is one (else none); relu inside a residual branch.", rich_help_panel=_LAYER, show_default=False)] = None,
     kernel_size: Annotated[int, typer.Option("--kernel-size", help="Odd kernel size of a new convolution (padding k//2, stride 1).", rich_help_panel=_LAYER)] = 3,
     batchnorm: Annotated[bool, typer.Option("--batchnorm", help="Add a batchnorm after the new layer, the identity at inference (training mode normalises by batch statistics).", rich_help_panel=_LAYER)] = False,
     hidden: Annotated[Optional[int], typer.Option("--hidden", help="Width of a residual branch (default: the width of --after).", rich_help_panel=_LAYER, show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the new node (default: <after>_deep, or _deep2, ... when taken).", rich_help_panel=_LAYER, show_default=False)] = None,
+    block: Annotated[Optional[BlockChoice], typer.Option("--block", help="Insert a whole pre-norm residual block after block --after (model.layers.3, transformer.h.3) with zero writers: copy (of that block, LLaMA-Pro) or zero (identity norms, fresh readers). Later blocks are renumbered.", rich_help_panel=_BLOCK, show_default=False)] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = DeviceChoice.auto,
     verify: VerifyOpt = True,
@@ -94,6 +101,7 @@ def deepen_cmd(
         hidden=hidden,
         name=name,
         seed=seed,
+        block=block.value if block is not None else None,
     )
     finish_surgery(
         teacher,
@@ -108,7 +116,8 @@ def deepen_cmd(
         rtol=rtol,
         json_out=json_out,
         what=f"deepening after {after!r}",
-        print_report=_print_report,
+        print_report=_print_block_report if block is not None else _print_report,
+        renames=getattr(report, "renames", None),
         max_shard_size=max_shard_size,
         overwrite_input=overwrite_input,
         allow_nonfinite=allow_nonfinite,
@@ -145,6 +154,26 @@ def _print_report(report: dict) -> None:
     last = report["nodes"][-1]["name"]
     if moved:
         console.print(f"now reading {escape(last)}: {escape(', '.join(moved))}")
+    a = report["arch"]
+    console.print(
+        f"nodes {a['nodes_before']} → {a['nodes_after']}, parameters {a['parameters_before']:,} → {a['parameters_after']:,}"
+    )
+
+
+def _print_block_report(report: dict) -> None:
+    console.print(
+        f"new block [bold]{escape(report['new_block'])}[/] after {escape(report['after'])} "
+        f"(--block {report['block']}); zeroed writers: {escape(', '.join(report['writers']))}"
+    )
+    table = Table(title="new tensors", title_justify="left")
+    for col in ("tensor", "shape", "dtype", "init"):
+        table.add_column(col)
+    for t in report["tensors"]:
+        table.add_row(escape(t["key"]), _shape(t["shape"]), t["dtype"], t["init"])
+    console.print(table)
+    if report["renames"]:
+        shown = ", ".join(f"{escape(b['from'])} → {escape(b['to'])}" for b in report["renumbered_blocks"])
+        console.print(f"renumbered {len(report['renames'])} nodes and {report['renamed_keys']} tensors: {shown}")
     a = report["arch"]
     console.print(
         f"nodes {a['nodes_before']} → {a['nodes_after']}, parameters {a['parameters_before']:,} → {a['parameters_after']:,}"

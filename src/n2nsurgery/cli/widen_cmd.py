@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, List
 
 import typer
 from rich.table import Table
@@ -22,12 +22,13 @@ class Split(str, Enum):
     random = "random"
 
 
-def print_widen_report(report: dict) -> None:
-    console.print(
-        f"widened [bold]{escape(report['layer'])}[/] {report['old_width']} → {report['new_width']} units "
-        f"(split {report['split']}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
-    )
-    table = Table(title="tensors changed", title_justify="left")
+def print_widen_report(report: dict, heading: bool = True) -> None:
+    if heading:
+        console.print(
+            f"widened [bold]{escape(report['layer'])}[/] {report['old_width']} → {report['new_width']} units "
+            f"(split {report['split']}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
+        )
+    table = Table(title="tensors changed" if heading else f"tensors changed ({escape(report['layer'])})", title_justify="left")
     table.add_column("tensor")
     table.add_column("old shape")
     table.add_column("new shape")
@@ -45,11 +46,32 @@ def print_widen_report(report: dict) -> None:
         )
 
 
+def print_widen_many(report: dict) -> None:
+    """Several groups (--layer repeated or a glob): one line per group, one table of every tensor."""
+    groups = report["groups"]
+    console.print(f"widened {len(groups)} coupled group(s) to {report['width']} units (seed {report['seed']}):")
+    for g in groups:
+        console.print(
+            f"  [bold]{escape(g['layer'])}[/] {g['old_width']} → {g['new_width']} (split {g['split']}); "
+            f"group: {escape(', '.join(g['group']))}"
+        )
+    for s in report["skipped"]:
+        console.print(f"  {escape(s['layer'])}: widened with {escape(s['widened_with'])} (same coupled group)")
+    for g in groups:
+        print_widen_report(dict(g, noise_deviation=None), heading=False)
+    if report.get("noise_deviation") is not None:
+        d = report["noise_deviation"]
+        console.print(
+            f"noise σ={groups[0]['noise']:g} moves the outputs by max |Δ| {d['max_abs']:.3g} (relative {d['max_rel']:.3g}); "
+            "the verification below is of the same widening without noise"
+        )
+
+
 @app.command("widen")
 @command
 def widen_cmd(
     checkpoint: CheckpointArg,
-    layer: Annotated[str, typer.Option("--layer", help="The linear or conv node to widen.", show_default=False, rich_help_panel="Widening")],
+    layer: Annotated[List[str], typer.Option("--layer", help="The linear or conv node to widen. Repeat it, or give a glob (model.layers.*.mlp.up_proj), to widen several layers, each its own coupled group, all to --width, verified together.", show_default=False, rich_help_panel="Widening")],
     width: Annotated[int, typer.Option("--width", help="Its new number of output units (larger than now).", show_default=False, rich_help_panel="Widening")],
     output: OutputOpt = None,
     arch: ArchOpt = None,
@@ -70,15 +92,21 @@ def widen_cmd(
 ):
     """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
     from ..model import load_model  # torch: only once a command runs
-    from ..widen import widen
+    from ..widen import is_glob, widen, widen_many
 
     check_json_target(json_out, output)
     require_output(output, dry_run)
     teacher = load_model(checkpoint, arch)
     preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
-    student, report = widen(teacher, layer, width, split=split.value, noise=noise, seed=seed)
+    several = len(layer) > 1 or is_glob(layer[0])
+    if several:
+        student, report = widen_many(teacher, layer, width, split=split.value, noise=noise, seed=seed)
+    else:
+        student, report = widen(teacher, layer[0], width, split=split.value, noise=noise, seed=seed)
+    what = f"widening {', '.join(map(repr, layer))}"
     finish_surgery(teacher, student, report.to_dict(), output=output, verify=verify, probes=probes, seed=seed,
-                   device=device.value, atol=atol, rtol=rtol, json_out=json_out, what=f"widening {layer!r}",
-                   print_report=print_widen_report, noise_free=report.noise_free, max_shard_size=max_shard_size,
+                   device=device.value, atol=atol, rtol=rtol, json_out=json_out, what=what,
+                   print_report=print_widen_many if several else print_widen_report, noise_free=report.noise_free,
+                   max_shard_size=max_shard_size,
                    overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, dry_run=dry_run,
                    outputs_only=outputs_only)
