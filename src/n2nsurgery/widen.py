@@ -734,6 +734,7 @@ def widen_many(model, layers, width: int, *, seed: int = 0, **options):
         ``(student, MultiWidenReport)``.
 
     Example:
+        >>> teacher = n2n.load_model("recipes/llama-tiny.safetensors")
         >>> student, report = widen_many(teacher, ["model.layers.*.mlp.up_proj"], 128)
         >>> [g.layer for g in report.groups]
         ['model.layers.0.mlp.up_proj', 'model.layers.1.mlp.up_proj']
