@@ -119,13 +119,9 @@ def arch_from_config(cfg: Mapping, seq_len: Optional[int] = None, source: str = 
     Raises:
         N2NError: an unsupported ``model_type`` or config field, or an inconsistent config.
 
-    Example (a model folder's ``config.json`` works the same, through ``json.load``):
-        >>> from safetensors.torch import load_file
-        >>> from n2nsurgery.examples_transformers import LLAMA_TINY_CONFIG
-        >>> arch = arch_from_config(LLAMA_TINY_CONFIG, seq_len=16)
-        >>> model = n2n.model_from_state_dict(arch, load_file("recipes/llama-tiny.safetensors"))
-        >>> model.shapes["lm_head"]
-        (16, 96)
+    Example:
+        >>> arch = arch_from_config(json.load(open("llama/config.json")))
+        >>> model = n2nsurgery.model_from_state_dict(arch, hf_model.state_dict())
     """
     if not isinstance(cfg, Mapping):
         raise N2NError(f"{source}: a config must be a JSON object, got {type(cfg).__name__}")
