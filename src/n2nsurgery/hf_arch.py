@@ -120,8 +120,11 @@ def arch_from_config(cfg: Mapping, seq_len: Optional[int] = None, source: str = 
         N2NError: an unsupported ``model_type`` or config field, or an inconsistent config.
 
     Example:
-        >>> arch = arch_from_config(json.load(open("llama/config.json")))
-        >>> model = n2nsurgery.model_from_state_dict(arch, hf_model.state_dict())
+        >>> arch = arch_from_config({"model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+        ...     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        ...     "num_key_value_heads": 1, "tie_word_embeddings": True})
+        >>> arch.inputs["input_ids"].shape, arch.outputs
+        ((8,), ['lm_head'])
     """
     if not isinstance(cfg, Mapping):
         raise N2NError(f"{source}: a config must be a JSON object, got {type(cfg).__name__}")
