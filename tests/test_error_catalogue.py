@@ -136,6 +136,53 @@ def _recipe(tmp, text: str):
     return ["apply", c, str(r), "--arch", a, "-o", out], None, {**_places(c, a, out), "RECIPE": str(r)}
 
 
+def _yaml_alias(tmp):
+    """An architecture that reuses a value through an anchor and an alias (the seed of an alias bomb)."""
+    c, a = _copy(tmp)
+    text = Path(a).read_text()
+    text = text.replace("{name: relu1, op: relu, in: bn1}", "{name: relu1, op: relu, in: &b bn1}", 1)
+    Path(a).write_text(text.replace("{name: relu2, op: relu, in: bn2}", "{name: relu2, op: relu, in: *b}", 1))
+    return ["inspect", c, "--arch", a], None, _places(c, a)
+
+
+def _pytorch_pickle(tmp):
+    import torch
+
+    _, a = _copy(tmp)
+    pt = str(tmp / "model.pt")
+    torch.save(load_file(CNN_CKPT), pt)
+    return ["inspect", pt, "--arch", a], None, _places(pt, a)
+
+
+def _folder_of_other_files(tmp):
+    """A sharded output into a folder that holds a file n2n did not write."""
+    folder = tmp / "student"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    return _widen(tmp, "--layer", "conv1", "--width", "12", "--max-shard-size", "1KB", out=str(folder))
+
+
+def _nonfinite_outputs(tmp, name: str) -> str:
+    """The teacher with finite parameters whose outputs are NaN (a batchnorm variance of -1)."""
+    c, _ = _copy(tmp)
+    sd = load_file(c)
+    sd["bn2.running_var"][:] = -1.0
+    path = str(tmp / name)
+    save_file(sd, path)
+    return path
+
+
+def _teacher_not_finite(tmp):
+    c = _nonfinite_outputs(tmp, "nan.safetensors")
+    return _widen(tmp, "--layer", "conv1", "--width", "12", ckpt=c)
+
+
+def _verify_not_finite(tmp):
+    _, a = _copy(tmp)
+    c = _nonfinite_outputs(tmp, "nan.safetensors")
+    return ["verify", c, c, "--arch", a], None, _places(c, a)
+
+
 CASES = {
     # reading the model
     "missing-checkpoint": lambda t: (["inspect", str(t / "nope.safetensors"), "--arch", CNN_ARCH], None, _places(str(t / "nope.safetensors"))),
@@ -152,6 +199,8 @@ CASES = {
     "missing-parameter": lambda t: _arch_edit(t, "{name: fc, op: linear, in: flat}", "{name: fc, op: linear, in: flat, params: {weight: head.w}}"),
     "shape-mismatch": lambda t: _arch_edit(t, "kernel_size: 2", "kernel_size: 1"),
     "nonfinite-parameter": _nonfinite,
+    "yaml-alias": _yaml_alias,
+    "pytorch-pickle": _pytorch_pickle,
     # what was asked
     "unknown-layer": lambda t: _widen(t, "--layer", "conv9", "--width", "12"),
     "not-a-layer": lambda t: _widen(t, "--layer", "relu1", "--width", "12"),
@@ -164,13 +213,19 @@ CASES = {
     "recipe-unknown-key": lambda t: _recipe(t, "steps:\n  - widen: {layer: conv1, widht: 12}\n"),
     "too-many-probes": lambda t: (["verify", CNN_CKPT, CNN_CKPT, "--arch", CNN_ARCH, "--probes", str(10**12)], None, {}),
     "missing-option": lambda t: (["widen", CNN_CKPT, "--arch", CNN_ARCH, "--width", "12", "-o", str(t / "o.safetensors")], None, {}),
+    "unknown-option": lambda t: _widen(t, "--lyaer", "conv1", "--width", "12"),
+    "seed-out-of-range": lambda t: _widen(t, "--layer", "conv1", "--width", "12", "--seed", str(2**63)),
+    "teacher-not-finite": _teacher_not_finite,
     # where it goes
     "output-is-input": lambda t: _widen(t, "--layer", "conv1", "--width", "12", out=str(t / "cnn.safetensors")),
     "output-folder-missing": lambda t: _widen(t, "--layer", "conv1", "--width", "12", out=str(t / "no" / "out.safetensors")),
     "output-is-a-folder": lambda t: _widen(t, "--layer", "conv1", "--width", "12", out=str(t)),
+    "output-folder-not-ours": _folder_of_other_files,
+    "output-missing": lambda t: (_widen(t, "--layer", "conv1", "--width", "12")[0][:-2], None, {}),
     "json-and-stdout": lambda t: (_widen(t, "--layer", "conv1", "--width", "12", "--json", out="-")[0], None, {}),
     # verification
     "verify-differ": _verify_differ,
+    "verify-not-finite": _verify_not_finite,
     "noise-beyond-tolerance": lambda t: _widen(t, "--layer", "conv1", "--width", "12", "--noise", "0.5", "--atol", "0", "--rtol", "0"),
 }
 

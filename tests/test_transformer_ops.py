@@ -1,4 +1,4 @@
-"""The transformer op set (SPEC §5): embedding, position_embedding, layernorm, rmsnorm,
+"""The transformer op set (docs/ops.md#transformer-ops): embedding, position_embedding, layernorm, rmsnorm,
 attention, chunk, linear_t -- forward against hand-written references, shape and attribute
 errors that name the node, value ranges, widening refused -- and hf_arch's config checks.
 

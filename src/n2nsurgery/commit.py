@@ -81,7 +81,7 @@ def commit(teacher, student, out: Optional[str] = None, *, verify: bool = True, 
         student: the surgery's result.
         out: where to write the student (a ``.safetensors`` path, a folder with `max_shard_size`,
             ``-`` for standard output). None runs the checks only.
-        verify: compare the two models on random probes before writing (SPEC 3.3).
+        verify: compare the two models on random probes before writing (docs/commands.md#verify).
         probes, seed, device, atol, rtol: as for :func:`~n2nsurgery.verify.verify`.
         outputs_only: compare the outputs only, not the values inside the models.
         noise_free: a widening with the paper's noise: the same widening without it, which is

@@ -1,4 +1,4 @@
-"""Architectures for Hugging Face causal LMs, built from their ``config.json`` (SPEC §6).
+"""Architectures for Hugging Face causal LMs, built from their ``config.json`` (docs/format.md#architectures-from-hugging-face-configs).
 
 :func:`arch_from_config` turns the config of a GPT-2, Llama, Mistral or Qwen2 model into the n2n
 architecture that computes what ``AutoModelForCausalLM`` computes (logits of one sequence of

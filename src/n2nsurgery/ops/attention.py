@@ -12,7 +12,7 @@ tables computed exactly as Hugging Face's ``LlamaRotaryEmbedding`` computes them
 float64 for a float64 run), and applied as ``x·cos + rotate_half(x)·sin``.
 
 Refuses widening for now (the default rule of :mod:`.base`): heads, KV groups and head_dim grow
-by the rules of GUIDE §6, which are not implemented yet.
+by the rules of docs/widen.md#transformer-layers, which are not implemented yet.
 """
 
 from __future__ import annotations

@@ -241,7 +241,7 @@ class Activation:
 
 @dataclass(frozen=True)
 class Insert:
-    """How deepen builds a new instance of this op (SPEC 3.2).
+    """How deepen builds a new instance of this op (docs/deepen.md#what-gets-inserted).
 
     ``word``: what deepen calls it: ``linear`` / ``conv`` (its ``--op`` words), ``batchnorm``
     (``--batchnorm``), ``sum`` (the join of a residual branch).

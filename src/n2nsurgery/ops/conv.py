@@ -102,7 +102,7 @@ def _make_identity(nd: int):
     def identity(width, kernel_size, dtype):
         """A centred delta kernel (index k//2 on every spatial axis) and a zero bias: y = x."""
         w = torch.zeros((width, width) + (kernel_size,) * nd, dtype=torch.float32)
-        centre = (kernel_size // 2,) * nd  # 0-indexed centre: k//2, never k//2 + 1 (GUIDE 3)
+        centre = (kernel_size // 2,) * nd  # 0-indexed centre: k//2, never k//2 + 1 (docs/design.md#bugs-we-test-for)
         idx = torch.arange(width)
         w[(idx, idx) + centre] = 1.0
         return {"weight": w.to(dtype), "bias": torch.zeros(width, dtype=dtype)}

@@ -6,7 +6,7 @@ its weight ``[positions, d]`` for an input of ``T`` positions (GPT-2's ``wpe``);
 sums it with the token embedding.
 
 Both refuse widening for now (the default rule of :mod:`.base`): widening d_model is the whole
-residual stream's coupled group (GUIDE §6), which is not implemented yet.
+residual stream's coupled group (docs/widen.md#transformer-layers), which is not implemented yet.
 """
 
 import torch.nn.functional as F

@@ -2,7 +2,7 @@
 
 Both normalise each position's feature vector (the last axis) by statistics of that vector, so
 no unit of the last axis is independent of the others: widening through a norm needs the rules
-of GUIDE §6 (average expansion, zero-padding, tiling), which are not implemented yet. Until then
+of docs/widen.md#transformer-layers (average expansion, zero-padding, tiling), which are not implemented yet. Until then
 both refuse widening (the default rule of :mod:`.base`).
 """
 

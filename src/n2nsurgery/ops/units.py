@@ -4,7 +4,7 @@ This module sits below both :mod:`n2nsurgery.ops` (whose widening rules build an
 :mod:`n2nsurgery.widen` (which walks the graph and applies the maps), so neither imports the
 other: op modules import from here, widen.py imports from here, and nothing here imports either.
 
-A widening is planned in three steps (GUIDE 2):
+A widening is planned in three steps (docs/design.md#the-coupled-walk-and-its-maps):
 
 1. the coupled walk collects the group and, from each member, its *constraints* on the unit space
    (:class:`Constraint`: the fill modes it allows, the block size its units come in);
@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-# How the new units of a widening get their values (SPEC 5, GUIDE 2 and 6):
+# How the new units of a widening get their values (docs/design.md#fill-modes):
 #   "copy":    Net2WiderNet: new unit j copies a random old unit; replicas share its outgoing
 #              weight (equally, or in random proportions: --split equal|random);
 #   "tile":    every old unit copied the same number of times (width = k·n), outgoing weight ÷ k;
