@@ -1,4 +1,4 @@
-"""Deepen a transformer: insert a whole pre-norm residual block after a block (SPEC 5, GUIDE 6).
+"""Deepen a transformer: insert a whole pre-norm residual block after a block (docs/transformers.md#deepening-a-transformer-by-a-block).
 
 A pre-norm block reads the residual stream ``h`` and adds its branches back to it::
 
