@@ -703,6 +703,14 @@ def _check_fill(ctx, attn: str, fill: str) -> None:
             raise N2NError(f"cannot grow the heads of {attn!r} exactly: at node {c.node!r}, new units in fill mode {fill} are not kept exact{why}")
 
 
+def _head_split(request: dict, split: Optional[str]) -> str:
+    """The split a heads growth uses: equal by default; head_dim growth pads each head with zero
+    dims, so there the default (and what equal means) is zero."""
+    if "head_dim" in request:
+        return "zero" if split in (None, "equal") else split
+    return "equal" if split is None else split
+
+
 def plan_heads(model, attn: str, request: dict, split: Optional[str], seed: int):
     """Plan growing attention `attn` by `request` ({heads|kv_heads|head_dim: N}); nothing changes.
 
@@ -713,8 +721,7 @@ def plan_heads(model, attn: str, request: dict, split: Optional[str], seed: int)
     """
     node = _check_attention(model, attn)
     producers = [_direct_producer(model, node, i) for i in range(len(node.inputs))]
-    (what,) = request
-    split = split if split is not None else ("zero" if what == "head_dim" else "equal")
+    split = _head_split(request, split)
     gen = torch.Generator().manual_seed(seed)
     try:
         plan = get_op(node.op).heads(node.resolved_attrs(), [model.shapes[v] for v in node.inputs], request, split, gen)
@@ -760,7 +767,7 @@ def widen_attention(model, attn: str, *, heads: Optional[int] = None, kv_heads: 
     request = _head_request(heads, kv_heads, head_dim)
     ctx, plan = plan_heads(model, attn, request, split, seed)
     ((what, n),) = request.items()
-    split = split if split is not None else ("zero" if what == "head_dim" else "equal")
+    split = _head_split(request, split)
     changes, report = {}, []
     for key in sorted(ctx.remaps):
         changes[key] = _lazy_remap(model, key, ctx.remaps[key], 0.0, seed)
