@@ -396,3 +396,19 @@ def test_recipe_step_errors(runner, tmp_path, step, needle):
     r = runner.invoke(app, ["apply", str(RECIPES / "llama-tiny.safetensors"), str(recipe), "-o", str(tmp_path / "o.safetensors")])
     assert r.exit_code == 2, r.output
     assert needle in r.stderr, r.stderr
+
+
+def test_head_dim_refused_when_the_queries_have_another_reader():
+    """q × √(d′/d) is for the attention alone: another reader of q_proj would see it."""
+    from n2nsurgery.arch import Node
+
+    model = load_model(str(RECIPES / "llama-tiny.safetensors"))
+    arch = model.arch.copy()
+    arch.nodes.append(Node("probe", "linear", ["model.layers.0.self_attn.q_proj"]))
+    arch.outputs.append("probe")
+    sd = dict(model.tensors.to_dict(), **{"probe.weight": torch.randn(3, 32)})
+    tapped = model_from_state_dict(arch, sd)
+    with pytest.raises(N2NError, match="are also read by probe"):
+        widen_attention(tapped, "model.layers.0.self_attn", head_dim=12)
+    student, _ = widen_attention(tapped, "model.layers.0.self_attn", kv_heads=3)  # no gain: the reader takes shares
+    assert verify(tapped, student).passed

@@ -681,6 +681,13 @@ def _scale_query_rows(model, ctx, producer, gain: float) -> None:
     under the default softmax scale 1/√head_dim)."""
     if gain == 1.0:
         return
+    readers = {r.name for r, _ in graph_index(model).readers.get(producer.name, ())}
+    if readers != {ctx.layer}:
+        others = ", ".join(sorted(readers - {ctx.layer}))
+        raise N2NError(
+            f"cannot grow the head_dim of {ctx.layer!r}: its queries {producer.name!r} are also read by {others}, and "
+            "the queries must be scaled by √(new/old head_dim) for the attention alone; give the attention its own query projection"
+        )
     users = graph_index(model).key_users
     for role in get_op(producer.op).units.rows:
         key = producer.param_key(role)
