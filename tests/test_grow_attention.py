@@ -170,6 +170,11 @@ def test_report_and_attributes():
     assert student.history[-1]["args"] == {"layer": "model.layers.0.self_attn", "kv_heads": 3, "split": "equal"}
     assert "heads" in report.to_dict()
 
+    _, report = widen_attention(teacher, "model.layers.0.self_attn", heads=8)  # query groups 2 → 4: k, v unchanged
+    assert report.attr_changes == {"model.layers.0.self_attn": {"num_heads": 8}}
+    assert [c["key"] for c in report.changes] == ["model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert report.group == ["model.layers.0.self_attn.q_proj"]
+
     _, report = widen_attention(teacher, "model.layers.0.self_attn", head_dim=12)
     assert report.heads["new"]["rope_theta"] == pytest.approx(500.0**1.5)
     assert report.split == "zero" and report.heads["fill"] == "zero"

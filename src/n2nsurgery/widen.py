@@ -710,6 +710,18 @@ def _check_fill(ctx, attn: str, fill: str) -> None:
             raise N2NError(f"cannot grow the heads of {attn!r} exactly: at node {c.node!r}, new units in fill mode {fill} are not kept exact{why}")
 
 
+def _is_identity(r: Remap) -> bool:
+    m = r.map
+    return r.plain() and not bool(m.new.any()) and m.size == m.old_size and torch.equal(m.src, torch.arange(m.size)) and bool((m.share == 1).all())
+
+
+def _drop_unchanged(ctx) -> None:
+    """Tensors the walk remapped with the identity (k and v when only the query groups grow)
+    are not changed: leave them out of the student's changes and the report."""
+    for key in [k for k, dims in ctx.remaps.items() if all(_is_identity(r) for r in dims.values())]:
+        del ctx.remaps[key]
+
+
 def _head_split(request: dict, split: Optional[str]) -> str:
     """The split a heads growth uses: equal by default; head_dim growth pads each head with zero
     dims, so there the default (and what equal means) is zero."""
@@ -741,6 +753,7 @@ def plan_heads(model, attn: str, request: dict, split: Optional[str], seed: int)
         ctx.assign(value, axis, m)
     ctx.run(*roots[-1])
     _check_fill(ctx, attn, plan.fill)
+    _drop_unchanged(ctx)
     _scale_query_rows(model, ctx, producers[0], plan.q_gain)
     _check_memory(model, producers[0].name, plan.inputs[0].size, ctx.remaps)
     return ctx, plan
@@ -785,6 +798,7 @@ def widen_attention(model, attn: str, *, heads: Optional[int] = None, kv_heads: 
     args = {"layer": attn, what: n, "split": split}
     student = model.replace(arch=arch, tensors=model.tensors.with_changes(changes), step=history_step("widen", args, seed))
     key = {"heads": "num_heads", "kv_heads": "num_kv_heads", "head_dim": "head_dim"}[what]
+    rows_changed = {r.node for dims in ctx.remaps.values() for r in dims.values() if r.kind == "rows"}
     return student, WidenReport(
         layer=attn,
         old_width=plan.old[key],
@@ -792,7 +806,7 @@ def widen_attention(model, attn: str, *, heads: Optional[int] = None, kv_heads: 
         split=split,
         noise=0.0,
         seed=seed,
-        group=list(ctx.producers),
+        group=[p for p in ctx.producers if p in rows_changed],
         members=list(ctx.members),
         changes=report,
         attr_changes={k: dict(v) for k, v in ctx.attr_changes.items()},

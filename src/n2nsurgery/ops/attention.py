@@ -250,7 +250,7 @@ def _same_in_every_group(gm: UnitMap, kv: int) -> UnitMap:
 
 def _head_attrs(a, h2: int, kv2: int) -> dict:
     attrs = {"num_heads": h2}
-    if a["num_kv_heads"] is not None:
+    if a["num_kv_heads"] is not None and a["num_kv_heads"] != kv2:  # null stays null: = num_heads
         attrs["num_kv_heads"] = kv2
     return attrs
 
