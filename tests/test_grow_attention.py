@@ -417,3 +417,30 @@ def test_head_dim_refused_when_the_queries_have_another_reader():
         widen_attention(tapped, "model.layers.0.self_attn", head_dim=12)
     student, _ = widen_attention(tapped, "model.layers.0.self_attn", kv_heads=3)  # no gain: the reader takes shares
     assert verify(tapped, student).passed
+
+
+def test_mha_written_without_num_kv_heads_or_head_dim_stays_so():
+    """An attention whose YAML leaves num_kv_heads and head_dim to their defaults (= num_heads,
+    q width / num_heads) keeps them implicit: only num_heads is written."""
+    _, teacher = _teacher("llama-mha")
+    arch = teacher.arch.copy()
+    for i in range(2):
+        attrs = arch.node(f"model.layers.{i}.self_attn").attrs
+        del attrs["num_kv_heads"], attrs["head_dim"]
+    implicit = teacher.replace(arch=arch)
+    student, report = widen_attention(implicit, "model.layers.0.self_attn", heads=6)
+    assert report.attr_changes == {"model.layers.0.self_attn": {"num_heads": 6}}
+    assert report.heads["new"] == {"num_heads": 6, "num_kv_heads": 6, "head_dim": 6, "rope_theta": 10000.0}
+    assert verify(implicit, student).passed
+    student, report = widen_attention(implicit, "model.layers.1.self_attn", head_dim=10)
+    assert set(report.attr_changes["model.layers.1.self_attn"]) == {"rope"}
+    assert verify(implicit, student).passed
+
+
+@pytest.mark.parametrize("request_", [dict(kv_heads=3), dict(heads=8, split="random"), dict(head_dim=32)])
+def test_half_precision_stays_within_its_tolerance(request_):
+    model = load_model(str(RECIPES / "llama-tiny.safetensors"))
+    half = model_from_state_dict(model.arch, {k: v.to(torch.bfloat16) for k, v in model.tensors.to_dict().items()})
+    student, _ = widen_attention(half, "model.layers.1.self_attn", **request_)
+    assert student.tensors.dtype("model.layers.1.self_attn.q_proj.weight") == torch.bfloat16
+    assert verify(half, student).passed
