@@ -379,7 +379,7 @@ def test_bad_recipe_on_the_command_line_is_one_message_exit_2(runner, tmp_path):
     recipe = _write(tmp_path, "steps:\n  - widen: {layer: conv1, widht: 16}\n")
     result, out = _apply(runner, tmp_path, recipe)
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: {recipe}: step 1 (widen): unknown key 'widht' (did you mean 'width'?) (keys: layer, width, split, noise, seed)"
+    assert result.stderr.strip() == f"error: {recipe}: step 1 (widen): unknown key 'widht' (did you mean 'width'?) (keys: layer, width, heads, kv_heads, head_dim, split, noise, seed)"
     assert not out.exists()
     missing, _ = _apply(runner, tmp_path, tmp_path / "nope.yaml")
     assert missing.exit_code == 2 and "nope.yaml: no such file" in missing.stderr

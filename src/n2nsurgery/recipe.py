@@ -313,6 +313,9 @@ _STEP_KEYS = {
     "widen": {
         "layer": (_layers, "a node name, a glob (model.layers.*.mlp.up_proj) or a list of them"),
         "width": (_positive_int, "an integer > 0"),
+        "heads": (_positive_int, "an integer > 0"),  # attention: query heads
+        "kv_heads": (_positive_int, "an integer > 0"),
+        "head_dim": (_positive_int, "an integer > 0"),
         "split": (lambda v: v in _SPLITS, "one of " + ", ".join(_SPLITS)),
         "noise": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
         "seed": (_is_seed, _SEED_RANGE),
@@ -329,7 +332,19 @@ _STEP_KEYS = {
         "seed": (_is_seed, _SEED_RANGE),
     },
 }
-_REQUIRED = {"widen": ("layer", "width"), "deepen": ("after",)}
+_REQUIRED = {"widen": ("layer",), "deepen": ("after",)}
+_HEAD_KEYS = ("heads", "kv_heads", "head_dim")  # a widen step of an attention node: one of these
+
+
+def _check_widen_size(where: str, body: dict, fail) -> None:
+    """A widen step gives `width` (a layer's units) or a size of an attention node's heads."""
+    heads = [k for k in _HEAD_KEYS if k in body]
+    if "width" in body and heads:
+        fail(f"{where}: give either width (a linear or conv layer's units) or {', '.join(heads)} (an attention node's heads), not both")
+    if "width" not in body and not heads:
+        fail(f"{where}: missing 'width' (an integer > 0): give width, or one of {', '.join(_HEAD_KEYS)} for an attention node")
+    if heads and "noise" in body:
+        fail(f"{where}: noise applies to width only; growing heads is exact (split: random breaks the symmetry of copied heads)")
 
 
 def _parse_step(index: int, item, fail) -> Step:
@@ -350,6 +365,8 @@ def _parse_step(index: int, item, fail) -> Step:
     for k in _REQUIRED[kind]:
         if k not in body:
             fail(f"{where}: missing {k!r} ({allowed[k][1]})")
+    if kind == "widen":
+        _check_widen_size(where, body, fail)
     args = {}
     for k, v in body.items():
         check, wanted = allowed[k]
@@ -520,6 +537,13 @@ def _check_end_to_end(teacher, student, seed: int, settings: VerifySettings, dev
 
 
 def _run_step(model, step: Step, seed: int):
+    if step.kind == "widen" and any(k in step.args for k in _HEAD_KEYS):
+        from .widen import is_glob, widen_attention
+
+        if not isinstance(step.args["layer"], str) or is_glob(step.args["layer"]):
+            raise N2NError("heads, kv_heads and head_dim grow one attention node per step: give one layer name, "
+                           "and one step per attention node")
+        return widen_attention(model, step.args["layer"], seed=seed, **{k: v for k, v in step.args.items() if k != "layer"})
     if step.kind == "widen":
         from .widen import is_glob, widen, widen_many
 

@@ -44,7 +44,7 @@ from .ops import get_op
 from .ops.units import FILL_MODES, Constraint, Event, PlanError, UnitMap, UnitSpace, choose_fill
 from .surgery import history_step
 
-__all__ = ["UnitMap", "Event", "WidenContext", "WidenReport", "plan_group", "widen", "widen_group", "unit_axis"]
+__all__ = ["UnitMap", "Event", "WidenContext", "WidenReport", "plan_group", "widen", "widen_attention", "widen_group", "unit_axis"]
 
 SPLITS = ("equal", "random")
 
@@ -102,6 +102,7 @@ class WidenContext:
         self._origin: dict = {}  # value -> the node whose rule assigned it (not told again)
         self._remapped_by: dict = {}  # tensor key -> nodes whose rules remapped it (tied tensors)
         self._tie_checked: set = set()  # tensor keys whose ties were already pulled in
+        self.head_plans: dict = {}  # attention node -> the HeadPlan this walk carries out
         self._producers: dict = {}  # layers whose output units the walk widened (rows remapped)
         graph = graph_index(model)
         self._by_name = graph.by_name
@@ -127,6 +128,11 @@ class WidenContext:
     def map_of(self, value: str) -> Optional[tuple]:
         """``(axis, UnitMap)`` assigned to `value` so far, or None."""
         return self.assigned.get(value)
+
+    def head_plan(self, node):
+        """The :class:`~n2nsurgery.ops.units.HeadPlan` this walk carries out for `node` (an
+        attention whose heads grow), or None: a plain widening reached it."""
+        return self.head_plans.get(node if isinstance(node, str) else node.name)
 
     def refuse(self, node, reason: str):
         name = node if isinstance(node, str) else node.name
@@ -377,9 +383,10 @@ class WidenReport:
     changes: list  # {"key", "old_shape", "new_shape"} for every tensor changed
     attr_changes: dict  # node -> {attr: new value}
     noise_free: Optional[object] = field(default=None, repr=False)  # the exact student, when noise > 0
+    heads: Optional[dict] = None  # heads growth: {"grown", "old": sizes, "new": sizes, "fill"}
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "command": "widen",
             "layer": self.layer,
             "old_width": self.old_width,
@@ -392,6 +399,9 @@ class WidenReport:
             "changes": [dict(c) for c in self.changes],
             "attr_changes": {k: dict(v) for k, v in self.attr_changes.items()},
         }
+        if self.heads is not None:  # only on heads growth: other reports keep their bytes
+            d["heads"] = dict(self.heads)
+        return d
 
 
 def unit_axis(model, node) -> int:
@@ -758,3 +768,191 @@ def widen_many(model, layers, width: int, *, seed: int = 0, **options):
     for g in groups:
         g.noise_free = None  # each was relative to the previous group's (noisy) student
     return student, MultiWidenReport(given, width, seed, groups, skipped, noise_free)
+
+
+# ------------------------------------------------------------------------- attention heads
+
+HEAD_OPTIONS = ("heads", "kv_heads", "head_dim")  # the keyword arguments of widen_attention
+
+
+def _check_attention(model, attn: str):
+    arch = model.arch
+    if not arch.has_node(attn):
+        raise N2NError(f"no node named {attn!r} in the architecture{did_you_mean(attn, arch.node_names())}")
+    node = arch.node(attn)
+    if get_op(node.op).heads is None:
+        raise N2NError(
+            f"node {attn!r} is a {node.op}, which has no heads; --heads, --kv-heads and --head-dim apply to an "
+            "attention node (e.g. model.layers.0.self_attn); widen a linear or conv node with --width"
+        )
+    return node
+
+
+def _head_request(heads, kv_heads, head_dim) -> dict:
+    given = {k: v for k, v in zip(HEAD_OPTIONS, (heads, kv_heads, head_dim)) if v is not None}
+    flags = ", ".join("--" + k.replace("_", "-") for k in HEAD_OPTIONS)
+    if len(given) != 1:
+        got = ", ".join("--" + k.replace("_", "-") for k in given) or "none"
+        raise N2NError(f"give exactly one of {flags} per step (got {got}); grow one after the other in two steps (a recipe does it in one run)")
+    ((what, n),) = given.items()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise N2NError(f"--{what.replace('_', '-')} must be an integer > 0, got {n!r}")
+    return given
+
+
+def _direct_producer(model, node, index: int):
+    """The layer that produces input `index` of attention `node` in its own rows (q_proj, ...).
+
+    Heads are rows of one projection each; a fused projection split by a chunk (GPT-2's c_attn)
+    is refused: Hugging Face's GPT-2 ties n_embd to heads × head_dim, so its heads grow only
+    with d_model."""
+    value = node.inputs[index]
+    producer = graph_index(model).by_name.get(value)
+    units = get_op(producer.op).units if producer is not None else None
+    if units is None or not units.owns(producer.resolved_attrs()):
+        what = f"node {value!r} ({producer.op})" if producer is not None else f"input {value!r}"
+        raise N2NError(
+            f"cannot grow the heads of {node.name!r}: its {'qkv'[index]} comes from {what}, not straight from a "
+            "projection of its own (a fused q/k/v projection split by a chunk, as in GPT-2, whose n_embd must "
+            "equal heads × head_dim, so its heads grow only with d_model); heads grow where q, k and v are "
+            "separate linear layers (Llama, Mistral, Qwen2)"
+        )
+    return producer
+
+
+def _scale_query_rows(model, ctx, producer, gain: float) -> None:
+    """q × gain: the query projection's rows (weight and bias) scaled by `gain` (head_dim growth
+    under the default softmax scale 1/√head_dim)."""
+    if gain == 1.0:
+        return
+    readers = {r.name for r, _ in graph_index(model).readers.get(producer.name, ())}
+    if readers != {ctx.layer}:
+        others = ", ".join(sorted(readers - {ctx.layer}))
+        raise N2NError(
+            f"cannot grow the head_dim of {ctx.layer!r}: its queries {producer.name!r} are also read by {others}, and "
+            "the queries must be scaled by √(new/old head_dim) for the attention alone; give the attention its own query projection"
+        )
+    users = graph_index(model).key_users
+    for role in get_op(producer.op).units.rows:
+        key = producer.param_key(role)
+        if key not in ctx.remaps:
+            continue
+        if len({n.name for n, _ in users.get(key, ())}) > 1:
+            raise N2NError(
+                f"cannot grow the head_dim of {ctx.layer!r}: tensor {key!r} of its query projection is shared with "
+                "another node, and only the queries may be scaled; give the projection its own copy"
+            )
+        entry = ctx.remaps[key][0]
+        ctx.remaps[key][0] = Remap(entry.map, entry.kind, entry.node, entry.scale_old * gain, entry.new_value)
+
+
+def _check_fill(ctx, attn: str, fill: str) -> None:
+    """Every other member of the group must stay exact with new units in mode `fill`."""
+    for c in ctx.constraints:
+        if c.node != attn and c.modes is not None and fill not in c.modes:
+            why = f" ({c.why})" if c.why else ""
+            raise N2NError(f"cannot grow the heads of {attn!r} exactly: at node {c.node!r}, new units in fill mode {fill} are not kept exact{why}")
+
+
+def _is_identity(r: Remap) -> bool:
+    m = r.map
+    return r.plain() and not bool(m.new.any()) and m.size == m.old_size and torch.equal(m.src, torch.arange(m.size)) and bool((m.share == 1).all())
+
+
+def _drop_unchanged(ctx) -> None:
+    """Tensors the walk remapped with the identity (k and v when only the query groups grow)
+    are not changed: leave them out of the student's changes and the report."""
+    for key in [k for k, dims in ctx.remaps.items() if all(_is_identity(r) for r in dims.values())]:
+        del ctx.remaps[key]
+
+
+def _head_split(request: dict, split: Optional[str]) -> str:
+    """The split a heads growth uses: equal by default; head_dim growth pads each head with zero
+    dims, so there the default (and what equal means) is zero."""
+    if "head_dim" in request:
+        return "zero" if split in (None, "equal") else split
+    return "equal" if split is None else split
+
+
+def plan_heads(model, attn: str, request: dict, split: Optional[str], seed: int):
+    """Plan growing attention `attn` by `request` ({heads|kv_heads|head_dim: N}); nothing changes.
+
+    The op's ``heads`` rule makes the plan (a row map for each of q, k, v, the output's map, the
+    new attributes, the query gain); the coupled walk starts from the three inputs with their
+    maps, remaps the projections' rows and the consumers' columns, and meets the attention,
+    which checks every map against the plan. Returns ``(ctx, plan)``.
+    """
+    node = _check_attention(model, attn)
+    producers = [_direct_producer(model, node, i) for i in range(len(node.inputs))]
+    split = _head_split(request, split)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        plan = get_op(node.op).heads(node.resolved_attrs(), [model.shapes[v] for v in node.inputs], request, split, gen)
+    except PlanError as e:
+        raise N2NError(f"cannot grow the heads of {attn!r} exactly: {e.reason}") from None
+    ctx = WidenContext(model, attn)
+    ctx.head_plans[attn] = plan
+    roots = [(value, len(model.shapes[value]) - 1, m) for value, m in zip(node.inputs, plan.inputs)]
+    for value, axis, m in roots[:-1]:
+        ctx.assign(value, axis, m)
+    ctx.run(*roots[-1])
+    _check_fill(ctx, attn, plan.fill)
+    _drop_unchanged(ctx)
+    _scale_query_rows(model, ctx, producers[0], plan.q_gain)
+    _check_memory(model, producers[0].name, plan.inputs[0].size, ctx.remaps)
+    return ctx, plan
+
+
+def widen_attention(model, attn: str, *, heads: Optional[int] = None, kv_heads: Optional[int] = None,
+                    head_dim: Optional[int] = None, split: Optional[str] = None, seed: int = 0):
+    """Grow the heads of attention node `attn` exactly (GUIDE §6); give exactly one size.
+
+    Args:
+        model: the teacher; not modified.
+        attn: an attention node (``model.layers.0.self_attn``).
+        heads: query heads N. Multi-head attention (as many kv heads as heads): every head grows,
+            kv heads with it. Grouped-query attention: N a multiple of the kv heads, each group
+            grows the same way (new query heads copy a query head of their group).
+        kv_heads: kv heads N; each new one copies a kv head together with its query group.
+        head_dim: dims per head N; with rotary, N even, and the rope theta becomes θ^(N/d).
+        split: how copied heads share the output projection's columns: ``equal`` (1/count,
+            the default), ``random`` (random proportions summing to one), ``tile`` (every head
+            the same number of times), ``zero`` (new heads are copies whose columns are 0).
+            head_dim growth pads with zero dims: ``zero`` (its default; ``equal`` means the same).
+        seed: seeds which heads are copied and the random split.
+
+    Returns:
+        ``(student, report)`` as :func:`widen`; ``report.heads`` has the old and new sizes.
+
+    Raises:
+        N2NError: not an attention, not exactly one size, a size not larger, heads not a
+            multiple of the kv heads, an odd head_dim with rotary, a fused q/k/v projection.
+    """
+    request = _head_request(heads, kv_heads, head_dim)
+    ctx, plan = plan_heads(model, attn, request, split, seed)
+    ((what, n),) = request.items()
+    split = _head_split(request, split)
+    changes, report = {}, []
+    for key in sorted(ctx.remaps):
+        changes[key] = _lazy_remap(model, key, ctx.remaps[key], 0.0, seed)
+        report.append({"key": key, "old_shape": list(model.tensors.shape(key)), "new_shape": list(changes[key].shape)})
+    arch = model.arch.copy()
+    for name, attrs in ctx.attr_changes.items():
+        arch.node(name).attrs.update(attrs)
+    args = {"layer": attn, what: n, "split": split}
+    student = model.replace(arch=arch, tensors=model.tensors.with_changes(changes), step=history_step("widen", args, seed))
+    key = {"heads": "num_heads", "kv_heads": "num_kv_heads", "head_dim": "head_dim"}[what]
+    rows_changed = {r.node for dims in ctx.remaps.values() for r in dims.values() if r.kind == "rows"}
+    return student, WidenReport(
+        layer=attn,
+        old_width=plan.old[key],
+        new_width=plan.new[key],
+        split=split,
+        noise=0.0,
+        seed=seed,
+        group=[p for p in ctx.producers if p in rows_changed],
+        members=list(ctx.members),
+        changes=report,
+        attr_changes={k: dict(v) for k, v in ctx.attr_changes.items()},
+        heads={"grown": key, "old": dict(plan.old), "new": dict(plan.new), "fill": plan.fill},
+    )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, List
+from typing import Annotated, List, Optional
 
 import typer
 from rich.table import Table
 
+from ..errors import N2NError
 from . import app
 from .common import escape  # rich's escape, and control characters in names made visible
 from .common import (
@@ -17,13 +18,20 @@ AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, Jso
 )
 
 
+def _heads_split(split, head_dim):
+    """--split for heads; head_dim growth pads with zero dims, so its default says zero."""
+    return None if head_dim is not None and split.value == "equal" else split.value
+
+
 class Split(str, Enum):
     equal = "equal"
     random = "random"
 
 
 def print_widen_report(report: dict, heading: bool = True) -> None:
-    if heading:
+    if report.get("heads") is not None:
+        _print_heads_line(report)
+    elif heading:
         console.print(
             f"widened [bold]{escape(report['layer'])}[/] {report['old_width']} → {report['new_width']} units "
             f"(split {report['split']}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
@@ -67,16 +75,43 @@ def print_widen_many(report: dict) -> None:
         )
 
 
+def _print_heads_line(report: dict) -> None:
+    old, new = report["heads"]["old"], report["heads"]["new"]
+    sizes = ", ".join(f"{k} {old[k]:g} → {new[k]:g}" for k in new if old.get(k) != new[k])
+    console.print(
+        f"grew [bold]{escape(report['layer'])}[/]: {sizes} (split {report['split']}, seed {report['seed']}); "
+        f"projections: {escape(', '.join(report['group']))}"
+    )
+
+
+def _heads_request(width, heads, kv_heads, head_dim, noise) -> bool:
+    """Whether this run grows attention heads (True) or widens a layer (False); usage errors
+    for a mix of the two families, or neither."""
+    head_flags = [f for f, v in (("--heads", heads), ("--kv-heads", kv_heads), ("--head-dim", head_dim)) if v is not None]
+    if width is not None and head_flags:
+        raise N2NError(
+            f"give either --width (a linear or conv layer's units) or {', '.join(head_flags)} (an attention node's heads), not both"
+        )
+    if width is None and not head_flags:
+        raise N2NError("give --width N to widen a linear or conv layer, or --heads N, --kv-heads N or --head-dim N to grow an attention node")
+    if head_flags and noise:
+        raise N2NError("--noise applies to --width only; growing heads is exact (use --split random to break the symmetry of copied heads)")
+    return bool(head_flags)
+
+
 @app.command("widen")
 @command
 def widen_cmd(
     checkpoint: CheckpointArg,
-    layer: Annotated[List[str], typer.Option("--layer", help="The linear or conv node to widen. Repeat it, or give a glob (model.layers.*.mlp.up_proj), to widen several layers, each its own coupled group, all to --width, verified together.", show_default=False, rich_help_panel="Widening")],
-    width: Annotated[int, typer.Option("--width", help="Its new number of output units (larger than now).", show_default=False, rich_help_panel="Widening")],
+    layer: Annotated[List[str], typer.Option("--layer", help="The linear or conv node to widen (or the attention node whose heads grow). Repeat it, or give a glob (model.layers.*.mlp.up_proj), to widen several layers, each its own coupled group, all to --width, verified together.", show_default=False, rich_help_panel="Widening")],
+    width: Annotated[Optional[int], typer.Option("--width", help="Its new number of output units (larger than now).", show_default=False, rich_help_panel="Widening")] = None,
     output: OutputOpt = None,
     arch: ArchOpt = None,
     split: Annotated[Split, typer.Option("--split", help="equal: replicas share outgoing weights equally (the paper); random: random proportions summing to one (exact, breaks symmetry).", rich_help_panel="Widening")] = Split.equal,
     noise: Annotated[float, typer.Option("--noise", min=0.0, help="The paper's noise (σ relative to each tensor's std) on new replicas only; not exact: the deviation is reported.", rich_help_panel="Widening")] = 0.0,
+    heads: Annotated[Optional[int], typer.Option("--heads", help="Attention: query heads N (MHA: every head, kv heads too; GQA: a multiple of the kv heads).", show_default=False, rich_help_panel="Attention heads")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option("--kv-heads", help="Attention: kv heads N, each new one with a copy of its query group.", show_default=False, rich_help_panel="Attention heads")] = None,
+    head_dim: Annotated[Optional[int], typer.Option("--head-dim", help="Attention: dims per head N (even with rotary; rope theta changes).", show_default=False, rich_help_panel="Attention heads")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = DeviceChoice.auto,
     verify: VerifyOpt = True,
@@ -92,14 +127,21 @@ def widen_cmd(
 ):
     """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
     from ..model import load_model  # torch: only once a command runs
-    from ..widen import is_glob, widen, widen_many
+    from ..widen import is_glob, widen, widen_attention, widen_many
 
+    grow_heads = _heads_request(width, heads, kv_heads, head_dim, noise)
     check_json_target(json_out, output)
     require_output(output, dry_run)
     teacher = load_model(checkpoint, arch)
     preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
     several = len(layer) > 1 or is_glob(layer[0])
-    if several:
+    if grow_heads:
+        if several:
+            raise N2NError("--heads, --kv-heads and --head-dim grow one attention node per step: give one --layer, "
+                           "and repeat the command (or a recipe step) for each attention node")
+        student, report = widen_attention(teacher, layer[0], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                          split=_heads_split(split, head_dim), seed=seed)
+    elif several:
         student, report = widen_many(teacher, layer, width, split=split.value, noise=noise, seed=seed)
     else:
         student, report = widen(teacher, layer[0], width, split=split.value, noise=noise, seed=seed)

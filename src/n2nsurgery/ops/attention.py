@@ -11,16 +11,21 @@ lay it out; ``num_kv_heads = num_heads`` is plain multi-head attention. The outp
 tables computed exactly as Hugging Face's ``LlamaRotaryEmbedding`` computes them (in float32, or
 float64 for a float64 run), and applied as ``x·cos + rotate_half(x)·sin``.
 
-Refuses widening for now (the default rule of :mod:`.base`): heads, KV groups and head_dim grow
-by the rules of docs/widen.md#transformer-layers, which are not implemented yet.
+Its units are whole heads, never single features: a plain ``--width`` on a projection is refused
+here, and the heads grow by the rules of docs/transformers.md (``heads`` below: KV heads with their query
+groups, query heads per group, head_dim with rotary), which widen.py carries out through the
+coupled walk with the :class:`~.units.HeadPlan` made here.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .base import Attr, AttrError, OpDef, expect, float_attr, fmt_shape, int_attr, register
+from .base import ANY_FILL, Attr, AttrError, OpDef, expect, float_attr, fmt_shape, int_attr, register
+from .units import HeadPlan, PlanError, UnitMap
 
 ROPE_STYLES = ("rotate_half",)
 _ROPE_KEYS = ("theta", "style")
@@ -164,6 +169,147 @@ def _range(ranges, attrs):
     return ranges[2]
 
 
+# ------------------------------------------------------------------------------ growing heads
+
+HEAD_SPLITS = ("equal", "random", "tile", "zero")  # how copied heads share o_proj's columns
+
+
+def _widen(ctx, node, event):
+    """The walk carries out a head plan: each input must arrive with the plan's map, and the
+    output then takes the plan's output map (and the node its new attributes)."""
+    plan = ctx.head_plan(node)
+    if plan is None:
+        ctx.refuse(
+            node,
+            "op 'attention' declares no widening rule for the width of a projection (its units are whole heads "
+            "of head_dim features); grow the attention itself: --layer "
+            f"{node.name} with --heads N, --kv-heads N or --head-dim N",
+        )
+    expected = plan.output if event.kind == "output" else plan.inputs[event.index]
+    if event.axis != len(ctx.shape(node.name)) - 1 or not event.map.same_as(expected):
+        which = "output" if event.kind == "output" else f"input {'qkv'[event.index]}"
+        ctx.refuse(node, f"its {which} is reached along another coupled path with a different layout than its heads need")
+    if event.kind == "input":
+        ctx.assign(node.name, event.axis, plan.output)
+        for name, value in plan.attrs.items():
+            ctx.set_attr(node, name, value)
+
+
+def _sizes(a, q_width: int) -> dict:
+    h, kv, d = heads(a, q_width)
+    sizes = {"num_heads": h, "num_kv_heads": kv, "head_dim": d}
+    if a["rope"] is not None:
+        sizes["rope_theta"] = a["rope"]["theta"]
+    return sizes
+
+
+def _plan(a, in_shapes, request, split, gen) -> HeadPlan:
+    """The plan for one request: {"heads": N} | {"kv_heads": N} | {"head_dim": N}."""
+    ((what, n),) = request.items()
+    h, kv, d = heads(a, in_shapes[0][1])
+    if what == "head_dim":
+        return _plan_head_dim(a, h, kv, d, n, split)
+    if what == "kv_heads" or kv == h:  # MHA: --heads grows the kv heads with the queries
+        return _plan_kv_heads(a, h, kv, d, n, split, gen, what)
+    return _plan_group_size(a, h, kv, d, n, split, gen)
+
+
+def _bigger(what: str, n: int, now: int) -> None:
+    if n <= now:
+        raise PlanError("", f"--{what.replace('_', '-')} {n} is not larger than the current {now}; heads only grow (fewer heads cannot keep the function): give more than {now}")
+
+
+def _draw_heads(n: int, width: int, split: str, gen, what: str) -> UnitMap:
+    """n → width heads: new heads copy random old heads (``equal``/``random`` shares of o_proj's
+    columns), every head k times (``tile``), or copies whose o_proj columns are 0 (``zero``)."""
+    if split not in HEAD_SPLITS:
+        raise PlanError("", f"--split {split} cannot grow heads exactly (a head is a softmax over its own scores, not a mean of units); use one of {', '.join(HEAD_SPLITS)}")
+    if split == "tile":
+        if width % n:
+            raise PlanError("", f"--split tile copies every head the same number of times, so --{what.replace('_', '-')} must be a multiple of {n} (got {width}); use --split equal for any number")
+        return UnitMap.draw(n, width, "equal", gen, "tile")
+    m = UnitMap.draw(n, width, "random" if split == "random" else "equal", gen)
+    if split == "zero":  # the new heads are copies (so they train), but write nothing yet
+        return UnitMap(m.src, (~m.new).to(torch.float64), m.new, n)
+    return m
+
+
+def _queries_follow_kv(kvm: UnitMap, g: int) -> UnitMap:
+    """Query head j·g + i reads kv head j: it copies old query head src(j)·g + i, with kv head
+    j's share (the replica count of a kv head is its queries' replica count)."""
+    src = (kvm.src[:, None] * g + torch.arange(g)).reshape(-1)
+    return UnitMap(src, kvm.share.repeat_interleave(g), kvm.new.repeat_interleave(g), kvm.old_size * g, kvm.fill)
+
+
+def _same_in_every_group(gm: UnitMap, kv: int) -> UnitMap:
+    """Query head j·g′ + i copies old query head j·g + src(i): one change, in every group."""
+    g = gm.old_size
+    src = (torch.arange(kv)[:, None] * g + gm.src).reshape(-1)
+    return UnitMap(src, gm.share.repeat(kv), gm.new.repeat(kv), kv * g, gm.fill)
+
+
+def _head_attrs(a, h2: int, kv2: int) -> dict:
+    attrs = {"num_heads": h2}
+    if a["num_kv_heads"] is not None and a["num_kv_heads"] != kv2:  # null stays null: = num_heads
+        attrs["num_kv_heads"] = kv2
+    return attrs
+
+
+def _plan_kv_heads(a, h, kv, d, n, split, gen, what) -> HeadPlan:
+    _bigger(what, n, kv)
+    g = h // kv
+    kvm = _draw_heads(kv, n, split, gen, what)
+    qm = _queries_follow_kv(kvm, g)
+    q_rows, kv_rows = qm.blocks(d), kvm.blocks(d)
+    old = _sizes(a, h * d)
+    new = dict(old, num_heads=n * g, num_kv_heads=n)
+    return HeadPlan((q_rows, kv_rows, kv_rows), q_rows, _head_attrs(a, n * g, n), kvm.fill, old, new)
+
+
+def _plan_group_size(a, h, kv, d, n, split, gen) -> HeadPlan:
+    _bigger("heads", n, h)
+    if n % kv:
+        raise PlanError("", f"--heads {n} is not a multiple of the {kv} kv heads (every kv head serves an equal group of query heads); give a multiple of {kv}, or grow the kv heads with --kv-heads")
+    gm = _draw_heads(h // kv, n // kv, split, gen, "heads")
+    qm = _same_in_every_group(gm, kv)
+    q_rows, kv_rows = qm.blocks(d), UnitMap.identity(kv * d)
+    old = _sizes(a, h * d)
+    return HeadPlan((q_rows, kv_rows, kv_rows), q_rows, _head_attrs(a, n, kv), gm.fill, old, dict(old, num_heads=n))
+
+
+def _dim_map(d: int, d2: int, rotary: bool) -> UnitMap:
+    """One head's dims d → d2; new dims are 0 (zero fill) and carry no outgoing weight.
+
+    Rotate-half pairs dim i with i + d/2, so with rotary the old halves go to [0, d/2) and
+    [d2/2, d2/2 + d/2), keeping every old pair a pair; the new dims pair among themselves.
+    """
+    kept = torch.cat([torch.arange(d // 2), torch.arange(d2 // 2, d2 // 2 + d // 2)]) if rotary else torch.arange(d)
+    src = torch.zeros(d2, dtype=torch.int64).index_copy_(0, kept, torch.arange(d))
+    new = torch.ones(d2, dtype=torch.bool).index_fill_(0, kept, False)
+    return UnitMap(src, (~new).to(torch.float64), new, d, "zero")
+
+
+def _plan_head_dim(a, h, kv, d, n, split) -> HeadPlan:
+    _bigger("head_dim", n, d)
+    if split not in ("equal", "zero"):
+        raise PlanError("", f"--split {split} cannot grow head_dim exactly (new dims must be 0 in q, k and v, and rotary pairs dim i with i + head_dim/2, so no dim can be copied); use --split zero (the default here)")
+    rotary = a["rope"] is not None
+    if rotary and n % 2:
+        raise PlanError("", f"rotary (rope) pairs dim i with i + head_dim/2, so --head-dim must be even (got {n}); give {n + 1}")
+    dm = _dim_map(d, n, rotary)
+    q_rows, kv_rows = UnitMap.cat([dm] * h), UnitMap.cat([dm] * kv)
+    old = _sizes(a, h * d)
+    new = dict(old, head_dim=n)
+    attrs = {"head_dim": n} if a["head_dim"] is not None else {}
+    if rotary:  # θ′ = θ^(d′/d): frequency i of the old head is θ′^(-2i/d′) = θ^(-2i/d), unchanged
+        new["rope_theta"] = a["rope"]["theta"] ** (n / d)
+        attrs["rope"] = dict(a["rope"], theta=new["rope_theta"])
+    # The default softmax scale 1/√head_dim (as transformers computes it from head_dim) becomes
+    # 1/√d′: q × √(d′/d) keeps every score. An explicit scale stays, and so do the scores.
+    gain = math.sqrt(n / d) if a["scale"] is None else 1.0
+    return HeadPlan((q_rows, kv_rows, kv_rows), q_rows, attrs, "zero", old, new, gain)
+
+
 ATTENTION = register(
     OpDef(
         name="attention",
@@ -172,6 +318,9 @@ ATTENTION = register(
         arity=3,
         attrs=ATTRS,
         value_range=_range,
+        widen=_widen,
+        heads=_plan,
+        fill_modes=ANY_FILL,  # its rule checks every map against the head plan itself
         doc="Scaled dot-product attention of q, k, v (multi-head or grouped-query), causal, optional rotary.",
     )
 )

@@ -288,6 +288,9 @@ class OpDef:
     activation: Optional[Activation] = None  # deepen may insert it after an identity layer
     insert: Optional[Insert] = None  # deepen can build a new instance of it
     show_params: Callable = show_params  # ({role: shape}) -> str, the inspect table's cell
+    # Units are attention heads: (attrs, in_shapes, request, split, gen) -> units.HeadPlan, where
+    # request is {"heads" | "kv_heads" | "head_dim": N}; raises units.PlanError when not exact.
+    heads: Optional[Callable] = None
 
 
 REGISTRY: dict[str, OpDef] = {}

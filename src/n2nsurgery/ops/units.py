@@ -232,3 +232,27 @@ def choose_fill(space: UnitSpace, width: int, wanted: Optional[str] = None) -> s
     if not candidates:  # only `wanted` = tile was asked for, and the width is not a multiple
         raise PlanError(space.constraints[0].node if space.constraints else "?", note.lstrip("; "))
     return candidates[0]
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """How an attention node's heads grow (``--heads``, ``--kv-heads``, ``--head-dim``): the
+    op's ``heads`` rule makes it, widen.py carries it out with the coupled walk.
+
+    ``inputs``: the row map of each input (q, k, v) along its last axis (whole heads of
+    head_dim rows, or each head's dims); the walk remaps their producers' rows with them.
+    ``output``: the map of the output (heads side by side), whose shares the consumers'
+    columns take (1/count for a copied head, 0 for a new head under ``zero`` or a new dim).
+    ``q_gain``: factor on the query producer's rows (√(d′/d) when the softmax scale follows
+    head_dim). ``attrs``: the node's attribute changes. ``fill``: the mode the new units are
+    in, for the other members' constraints and the report. ``old``/``new``: the sizes
+    (num_heads, num_kv_heads, head_dim, and rope theta when it changes), for the report.
+    """
+
+    inputs: tuple
+    output: UnitMap
+    attrs: dict
+    fill: str
+    old: dict
+    new: dict
+    q_gain: float = 1.0
