@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -20,12 +20,15 @@ AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, Jso
 class Split(str, Enum):
     equal = "equal"
     random = "random"
+    zero = "zero"
+    average = "average"
+    tile = "tile"
 
 
 def print_widen_report(report: dict) -> None:
     console.print(
         f"widened [bold]{escape(report['layer'])}[/] {report['old_width']} → {report['new_width']} units "
-        f"(split {report['split']}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
+        f"(split {report['split']}, fill {report['fill']}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
     )
     table = Table(title="tensors changed", title_justify="left")
     table.add_column("tensor")
@@ -53,7 +56,7 @@ def widen_cmd(
     width: Annotated[int, typer.Option("--width", help="Its new number of output units (larger than now).", show_default=False, rich_help_panel="Widening")],
     output: OutputOpt = None,
     arch: ArchOpt = None,
-    split: Annotated[Split, typer.Option("--split", help="equal: replicas share outgoing weights equally (the paper); random: random proportions summing to one (exact, breaks symmetry).", rich_help_panel="Widening")] = Split.equal,
+    split: Annotated[Optional[Split], typer.Option("--split", help="equal: replicas share outgoing weights equally (the paper); random: random proportions summing to one (exact, breaks symmetry); zero: new units 0 (RMSNorm streams); average: new units carry the mean (LayerNorm streams); tile: every unit copied WIDTH/n times. Default: the first exact one of equal, zero, average, tile.", show_default=False, rich_help_panel="Widening")] = None,
     noise: Annotated[float, typer.Option("--noise", min=0.0, help="The paper's noise (σ relative to each tensor's std) on new replicas only; not exact: the deviation is reported.", rich_help_panel="Widening")] = 0.0,
     seed: SeedOpt = 0,
     device: DeviceOpt = DeviceChoice.auto,
@@ -76,7 +79,7 @@ def widen_cmd(
     require_output(output, dry_run)
     teacher = load_model(checkpoint, arch)
     preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
-    student, report = widen(teacher, layer, width, split=split.value, noise=noise, seed=seed)
+    student, report = widen(teacher, layer, width, split=split.value if split is not None else None, noise=noise, seed=seed)
     finish_surgery(teacher, student, report.to_dict(), output=output, verify=verify, probes=probes, seed=seed,
                    device=device.value, atol=atol, rtol=rtol, json_out=json_out, what=f"widening {layer!r}",
                    print_report=print_widen_report, noise_free=report.noise_free, max_shard_size=max_shard_size,
