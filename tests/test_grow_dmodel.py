@@ -381,3 +381,13 @@ def test_recipe_accepts_the_fill_modes(runner, tmp_path):
     out = tmp_path / "grown.safetensors"
     r = runner.invoke(app, ["apply", str(RECIPES / "llama-tiny.safetensors"), str(recipe), "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("layer", ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"])
+def test_widening_a_writer_of_the_shipped_llama_grows_its_stream(layer):
+    """Before d_model growth these were refused at the first rmsnorm; now they are the stream."""
+    from n2nsurgery import load_model
+
+    model = load_model(str(RECIPES / "llama-tiny.safetensors"))
+    group, refused = widen_group(model, layer)
+    assert refused is None and "model.embed_tokens" in group

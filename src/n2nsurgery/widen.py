@@ -88,7 +88,9 @@ class WidenContext:
         value gets a layout: the walk goes on from there), :meth:`remap` (a parameter follows a
         layout), :meth:`set_attr` (an attribute changes with the width), :meth:`constrain` (what
         this member requires of the unit space), :meth:`defer` (run once the rest of the walk is
-        done) and :meth:`refuse`. Nothing is changed until the walk is complete.
+        done), :meth:`readers` (who reads a value), :meth:`has_param` (an optional parameter is
+        there), :meth:`scale` (a remapped parameter times a factor: an OpDef's ``rescale``) and
+        :meth:`refuse`. Nothing is changed until the walk is complete.
     """
 
     def __init__(self, model, layer: str):
