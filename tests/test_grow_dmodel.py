@@ -264,7 +264,7 @@ def test_mlp_widening_of_today_stays_copy_with_equal_shares():
         ("llama", "average", 40, "RMSNorm reads the mean square"),
         ("gpt2", "zero", 64, "use --split average or --split tile"),
         ("gpt2", "equal", 40, "LayerNorm reads the mean and variance"),
-        ("llama", "tile", 40, "tile needs a width that is a multiple of 32"),
+        ("llama", "tile", 40, "--split tile copies every unit k times, so the width must be a multiple of 32 (got 40); use --split zero\n"),
     ],
 )
 def test_modes_that_cannot_be_exact_are_refused_naming_those_that_would(model, split, width, expect):

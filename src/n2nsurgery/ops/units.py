@@ -228,6 +228,9 @@ def choose_fill(space: UnitSpace, width: int, wanted: Optional[str] = None) -> s
     if width % space.rows and "tile" in candidates:  # tile copies every unit k times: width = k·n
         candidates.remove("tile")
         note = f"; tile needs a width that is a multiple of {space.rows}"
+        if not candidates:  # only tile was asked for
+            first = space.constraints[0].node if space.constraints else "?"
+            raise PlanError(first, f"--split tile copies every unit k times, so the width must be a multiple of {space.rows} (got {width}){_split_hint(space, width, wanted)}")
     for c in space.constraints:
         if c.modes is None:
             continue
@@ -239,8 +242,6 @@ def choose_fill(space: UnitSpace, width: int, wanted: Optional[str] = None) -> s
             hint = _split_hint(space, width, wanted)
             raise PlanError(c.node, f"it allows only the fill modes {allowed}{why}, and the rest of the group allows {tried}{note}{hint}")
         candidates = left
-    if not candidates:  # only `wanted` = tile was asked for, and the width is not a multiple
-        raise PlanError(space.constraints[0].node if space.constraints else "?", note.lstrip("; "))
     return candidates[0]
 
 
