@@ -212,15 +212,15 @@ def test_widening_a_writer_grows_the_same_stream():
 # ------------------------------------------------------------------------------ MLPs
 
 
-@pytest.mark.parametrize("split", ["equal", "random"])
-def test_llama_swiglu_mlp_against_hf(split):
+@pytest.mark.parametrize("split,width,fill", [("equal", 70, "copy"), ("random", 70, "copy"), ("zero", 70, "zero"), ("tile", 96, "tile")])
+def test_llama_swiglu_mlp_against_hf(split, width, fill):
     config_cls, model_cls, kwargs = LLAMA_FAMILY["llama-gqa-tied"]
     hf, teacher = _teacher(config_cls, model_cls, kwargs)
-    student, report = widen(teacher, "model.layers.0.mlp.up_proj", 70, split=split, seed=5)
-    assert report.fill == "copy" and "model.layers.0.mlp.gate_proj" in report.group
+    student, report = widen(teacher, "model.layers.0.mlp.up_proj", width, split=split, seed=5)
+    assert report.fill == fill and "model.layers.0.mlp.gate_proj" in report.group
     # The other layer keeps 48; HF has one intermediate_size, so give layer 1 the same growth.
-    student, _ = widen(student, "model.layers.1.mlp.up_proj", 70, split=split, seed=6)
-    big = _load_hf(config_cls, model_cls, dict(kwargs, intermediate_size=70), _student_tensors(student))
+    student, _ = widen(student, "model.layers.1.mlp.up_proj", width, split=split, seed=6)
+    big = _load_hf(config_cls, model_cls, dict(kwargs, intermediate_size=width), _student_tensors(student))
     ids = _ids(kwargs["vocab_size"])
     assert _max_rel(_logits(big, ids), _logits(hf, ids)) <= REL_TOL
 
@@ -365,6 +365,22 @@ def test_cli_grows_the_shipped_llama_and_names_the_fill(runner, tmp_path):
     human = runner.invoke(app, ["widen", str(RECIPES / "gpt2-tiny.safetensors"), "--layer", "transformer.wte", "--width", "64", "--split", "tile", "-o", str(tmp_path / "g.safetensors")])
     assert human.exit_code == 0, human.output
     assert "fill tile" in human.output
+
+
+def test_cli_student_of_the_shipped_llama_loads_into_hf_and_agrees(runner, tmp_path):
+    from safetensors.torch import load_file
+
+    from n2nsurgery.examples_transformers import LLAMA_TINY_CONFIG
+
+    out = tmp_path / "wide.safetensors"
+    r = runner.invoke(app, ["widen", str(RECIPES / "llama-tiny.safetensors"), "--layer", "model.embed_tokens", "--width", "40", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    fields = {k: v for k, v in LLAMA_TINY_CONFIG.items() if k not in ("model_type", "architectures")}
+    teacher = _load_hf("LlamaConfig", "LlamaForCausalLM", fields, load_file(str(RECIPES / "llama-tiny.safetensors")))
+    grown = dict(fields, hidden_size=40, head_dim=fields.get("head_dim", 8), rms_norm_eps=fields["rms_norm_eps"] * 32 / 40)
+    student = _load_hf("LlamaConfig", "LlamaForCausalLM", grown, load_file(str(out)))
+    ids = _ids(fields["vocab_size"])
+    assert _max_rel(_logits(student, ids), _logits(teacher, ids)) <= REL_TOL
 
 
 def test_cli_refuses_a_random_map_through_a_norm_with_one_line(runner, tmp_path):
