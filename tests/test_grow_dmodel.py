@@ -407,3 +407,55 @@ def test_widening_a_writer_of_the_shipped_llama_grows_its_stream(layer):
     model = load_model(str(RECIPES / "llama-tiny.safetensors"))
     group, refused = widen_group(model, layer)
     assert refused is None and "model.embed_tokens" in group
+
+
+# ------------------------------------------------------------------------------ other stream shapes
+
+POST_NORM = """format: n2n-arch/1
+inputs:
+  ids: {shape: [5], dtype: int64, high: 11}
+nodes:
+  - {name: emb, op: embedding, in: ids}
+  - {name: f1, op: linear, in: emb}
+  - {name: r1, op: add, in: [emb, f1]}
+  - {name: ln1, op: %(norm)s, in: r1, eps: 0.01}
+  - {name: f2, op: linear, in: ln1}
+  - {name: r2, op: add, in: [ln1, f2]}
+  - {name: ln2, op: %(norm)s, in: r2, eps: 0.01}
+  - {name: head, op: linear, in: ln2}
+outputs: [head]
+"""
+
+
+def _post_norm(norm: str):
+    g = torch.Generator().manual_seed(0)
+    t = {"emb.weight": torch.randn(11, 6, generator=g), "head.weight": torch.randn(7, 6, generator=g)}
+    for name in ("f1", "f2"):
+        t[f"{name}.weight"], t[f"{name}.bias"] = torch.randn(6, 6, generator=g), torch.randn(6, generator=g)
+    for name in ("ln1", "ln2"):
+        t[f"{name}.weight"] = 1 + 0.3 * torch.randn(6, generator=g)
+        if norm == "layernorm":
+            t[f"{name}.bias"] = 0.3 * torch.randn(6, generator=g)
+    return model_from_state_dict(POST_NORM % {"norm": norm}, t)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_a_post_norm_stream_is_exact_only_tiled(norm):
+    """Where the norm's output IS the stream, its new outputs (0) are not what the next norm
+    needs (the mean, under LayerNorm), so only a tile is exact: the others are refused."""
+    teacher = _post_norm(norm)
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(2))
+    student, report = widen(teacher, "emb", 12, split="tile")
+    (a,), (b,) = run(teacher, {"ids": ids}), run(student, {"ids": ids})
+    assert report.fill == "tile" and _max_rel(b, a) <= REL_TOL
+    if norm == "layernorm":
+        with pytest.raises(N2NError, match="use --split tile"):
+            widen(teacher, "emb", 9)
+    else:  # zero-padding: the norm's new outputs are 0, which is what the next RMSNorm keeps
+        student, report = widen(teacher, "emb", 9)
+        (b,) = run(student, {"ids": ids})
+        assert report.fill == "zero" and _max_rel(b, a) <= REL_TOL
+    # Reached from a writer, a norm's output is met from its consumer side first: the same modes
+    student, report = widen(teacher, "f2", 12 if norm == "layernorm" else 9)
+    (b,) = run(student, {"ids": ids})
+    assert report.fill == ("tile" if norm == "layernorm" else "zero") and _max_rel(b, a) <= REL_TOL

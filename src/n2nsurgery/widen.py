@@ -595,7 +595,7 @@ def widen(model, layer: str, width: int, *, split: Optional[str] = None, noise: 
 
     Args:
         model: the teacher (:class:`~n2nsurgery.model.Model`); not modified.
-        layer: name of a linear or conv node.
+        layer: name of a node with units of its own (linear, conv, linear_t; an embedding: d_model).
         width: the new number of output units (larger than the current one).
         split: how the new units are made (SPEC 5): ``"equal"`` (the paper's copy map: replicas'
             outgoing weights divided by the replica count), ``"random"`` (a copy map, random

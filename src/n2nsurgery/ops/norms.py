@@ -61,21 +61,48 @@ def _rmsnorm(xs, p, a):
 NEW_GAMMA = 1.0
 
 
-def _widen(ctx, node, event):
-    """The features (the last axis) go through with γ (and β) remapped for the fill mode; every
-    other axis is per position and passes through."""
-    if event.axis != len(ctx.shape(node.name)) - 1:
-        widen_passthrough(ctx, node, event)
-        return
-    if event.kind == "output":
-        ctx.refuse(node, "its output is widened from the consumer side (a post-norm residual stream), which no exact rule covers")
-    m = event.map
-    if m.fill in ("zero", "average"):
+def _widen_rule(modes: frozenset):
+    """The rule of a norm exact under fill `modes` (besides tile): the features (the last axis)
+    go through with γ (and β) remapped for the fill mode; other axes are per position."""
+
+    def widen(ctx, node, event):
+        if event.axis != len(ctx.shape(node.name)) - 1:
+            widen_passthrough(ctx, node, event)
+            return
+        m = event.map
+        if m.fill not in modes | {"copy"}:  # copy: the collecting walk's stand-in (fill_modes refuses it)
+            # e.g. LayerNorm behind another norm, whose new outputs are 0 rather than the mean
+            ctx.refuse(node, f"the new features reaching it are {m.fill} features, which it does not keep exact; use --split tile")
+        if event.kind == "output":
+            _widen_from_output(ctx, node, m, modes)
+        elif m.fill in ("zero", "average"):
+            _widen_rescaled(ctx, node, m)
+        else:
+            _tile(ctx, node, m)
+            ctx.assign(node.name, event.axis, m)
+
+    return widen
+
+
+def _widen_from_output(ctx, node, m, modes):
+    """Reached from its consumer side (a post-norm stream, where the norm's output is the
+    stream): its input must carry the same new features. A tile does; zero-padding does under
+    RMSNorm (0 in, 0 out); the mean never comes out of a norm, so average cannot map back."""
+    back = frozenset({"tile"}) | (modes & {"zero"})
+    ctx.constrain(node, back, why="its output is the residual stream (post-norm), and only new features it gives back as they came keep it exact")
+    if m.fill not in back | {"copy"}:
+        ctx.refuse(node, "its output is the residual stream (post-norm), which only " + " or ".join(f"--split {b}" for b in sorted(back)) + " keeps exact")
+    if m.fill == "zero":
         _widen_rescaled(ctx, node, m)
-    else:  # tile (copy is in the collecting walk's stand-in layout only: fill_modes refuses it)
-        ctx.remap(node, "weight", 0, m, "copy")
-        ctx.remap(node, "bias", 0, m, "copy")
-        ctx.assign(node.name, event.axis, m)
+    else:
+        _tile(ctx, node, m)
+    ctx.assign(node.inputs[0], len(ctx.shape(node.name)) - 1, m)
+
+
+def _tile(ctx, node, m):
+    """A uniform k-fold copy keeps the mean, variance and mean square: γ and β copied, eps kept."""
+    ctx.remap(node, "weight", 0, m, "copy")
+    ctx.remap(node, "bias", 0, m, "copy")
 
 
 def _widen_rescaled(ctx, node, m):
@@ -109,7 +136,7 @@ LAYERNORM = register(
         infer_shape=_infer,
         attrs={"eps": Attr(_EPS, 1e-5)},
         params={"weight": Param(optional=True), "bias": Param(optional=True)},
-        widen=_widen,
+        widen=_widen_rule(frozenset({"tile", "average"})),
         fill_modes=frozenset({"tile", "average"}),
         fill_why="LayerNorm reads the mean and variance of the whole vector: only new features equal to the mean, or a uniform k-fold copy, keep them",
         rescale=_rescale,
@@ -124,7 +151,7 @@ RMSNORM = register(
         infer_shape=_infer,
         attrs={"eps": Attr(_EPS, 1e-6)},
         params={"weight": Param(optional=True)},
-        widen=_widen,
+        widen=_widen_rule(frozenset({"tile", "zero"})),
         fill_modes=frozenset({"tile", "zero"}),
         fill_why="RMSNorm reads the mean square of the whole vector: only zero new features, or a uniform k-fold copy, keep it",
         rescale=_rescale,
