@@ -27,6 +27,7 @@ from n2nsurgery.errors import N2NError  # noqa: E402
 from n2nsurgery.executor import run  # noqa: E402
 from n2nsurgery.hf_arch import arch_from_config  # noqa: E402
 from n2nsurgery.ops import base as ops_base  # noqa: E402
+from n2nsurgery.ops import norms  # noqa: E402
 from n2nsurgery.widen import widen, widen_group  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -323,8 +324,8 @@ def loosened(monkeypatch):
     """Let a norm allow a mode it refuses, to show the refusal is what keeps the result exact."""
 
     def loosen(op_name: str, modes: set):
-        op = ops_base.REGISTRY[op_name]
-        monkeypatch.setitem(ops_base.REGISTRY, op_name, replace(op, fill_modes=frozenset(modes)))
+        op, modes = ops_base.REGISTRY[op_name], frozenset(modes)
+        monkeypatch.setitem(ops_base.REGISTRY, op_name, replace(op, fill_modes=modes, widen=norms._widen_rule(modes)))
 
     return loosen
 
