@@ -26,9 +26,11 @@ class Split(str, Enum):
 
 
 def print_widen_report(report: dict) -> None:
+    # A copy map is named by its shares (equal, random); any other mode by itself (zero, ...)
+    mode = f"split {report['split']}" if report.get("fill", "copy") == "copy" else f"fill {report['fill']}"
     console.print(
         f"widened [bold]{escape(report['layer'])}[/] {report['old_width']} → {report['new_width']} units "
-        f"(split {report['split']}, fill {report['fill']}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
+        f"({mode}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
     )
     table = Table(title="tensors changed", title_justify="left")
     table.add_column("tensor")
