@@ -460,3 +460,28 @@ def test_a_post_norm_stream_is_exact_only_tiled(norm):
     student, report = widen(teacher, "f2", 12 if norm == "layernorm" else 9)
     (b,) = run(student, {"ids": ids})
     assert report.fill == ("tile" if norm == "layernorm" else "zero") and _max_rel(b, a) <= REL_TOL
+
+
+TIED_TWO_READERS = """format: n2n-arch/1
+inputs:
+  ids: {shape: [5], dtype: int64, high: 11}
+nodes:
+  - {name: emb, op: embedding, in: ids}
+  - {name: norm, op: rmsnorm, in: emb, eps: 0.01}
+  - {name: head, op: linear, in: norm, params: {weight: emb.weight}}
+  - {name: aux, op: linear, in: norm}
+outputs: [head, aux]
+"""
+
+
+def test_a_tile_is_refused_when_the_norm_before_a_tied_head_has_other_readers():
+    g = torch.Generator().manual_seed(0)
+    t = {"emb.weight": torch.randn(11, 6, generator=g), "norm.weight": torch.rand(6, generator=g) + 0.5, "aux.weight": torch.randn(3, 6, generator=g)}
+    teacher = model_from_state_dict(TIED_TWO_READERS, t)
+    with pytest.raises(N2NError, match=r"at node 'norm', a tied head needs this norm's output divided by k, but 'head', 'aux' read it; use --split zero"):
+        widen(teacher, "emb", 12, split="tile")
+    student, report = widen(teacher, "emb", 12)  # zero-padding serves the tied head as it is
+    ids = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    for a, b in zip(run(teacher, {"ids": ids}), run(student, {"ids": ids})):
+        assert _max_rel(b, a) <= REL_TOL
+    assert report.fill == "zero" and "head.weight" not in student.tensors

@@ -117,14 +117,19 @@ def _widen_rescaled(ctx, node, m):
     ctx.assign(node.name, len(ctx.shape(node.name)) - 1, replace(m, fill="zero"))
 
 
-def _rescale(ctx, node, factor):
-    """Scale the output by `factor` through γ and β (a tile in front of a tied head: GUIDE 6)."""
-    readers = ctx.readers(node.name)
-    if len(readers) != 1:
-        ctx.refuse(node, f"a tied head needs this norm's output divided by k, but {', '.join(map(repr, readers))} read it too; use --split zero or --split average")
-    if not ctx.scale(node, "weight", factor):
-        ctx.refuse(node, "a tied head needs this norm's output divided by k, and it has no weight to carry that; use --split zero or --split average")
-    ctx.scale(node, "bias", factor)
+def _rescale_rule(other: str):
+    """Scale the output by a factor through γ and β (a tile in front of a tied head: GUIDE 6);
+    `other` is the exact mode that needs no such help, for the refusals."""
+
+    def rescale(ctx, node, factor):
+        readers = ctx.readers(node.name)
+        if len(readers) != 1:
+            ctx.refuse(node, f"a tied head needs this norm's output divided by k, but {', '.join(map(repr, readers))} read it; use --split {other}")
+        if not ctx.scale(node, "weight", factor):
+            ctx.refuse(node, f"a tied head needs this norm's output divided by k, and it has no weight to carry that; use --split {other}")
+        ctx.scale(node, "bias", factor)
+
+    return rescale
 
 
 _EPS = float_attr(0.0)  # eps = 0 is allowed (torch accepts it); an all-zero vector then gives NaN
@@ -139,7 +144,7 @@ LAYERNORM = register(
         widen=_widen_rule(frozenset({"tile", "average"})),
         fill_modes=frozenset({"tile", "average"}),
         fill_why="LayerNorm reads the mean and variance of the whole vector: only new features equal to the mean, or a uniform k-fold copy, keep them",
-        rescale=_rescale,
+        rescale=_rescale_rule("average"),
         doc="LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * weight + bias.",
     )
 )
@@ -154,7 +159,7 @@ RMSNORM = register(
         widen=_widen_rule(frozenset({"tile", "zero"})),
         fill_modes=frozenset({"tile", "zero"}),
         fill_why="RMSNorm reads the mean square of the whole vector: only zero new features, or a uniform k-fold copy, keep it",
-        rescale=_rescale,
+        rescale=_rescale_rule("zero"),
         doc="RMSNorm over the last axis, in float32 at least: weight * x / sqrt(mean(x²) + eps).",
     )
 )
