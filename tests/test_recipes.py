@@ -323,7 +323,7 @@ BAD = [
     ("steps:\n  - widen: {layer: a, width: 0}\n", "step 1 (widen): width must be an integer > 0, got 0"),
     ("steps:\n  - widen: {layer: a}\n", "step 1 (widen): missing 'width'"),
     ("steps:\n  - widen: {width: 3}\n", "step 1 (widen): missing 'layer'"),
-    ("steps:\n  - widen: {layer: a, width: 3, split: equall}\n", "step 1 (widen): split must be one of equal, random, got 'equall'"),
+    ("steps:\n  - widen: {layer: a, width: 3, split: equall}\n", "step 1 (widen): split must be one of equal, random, zero, average, tile, got 'equall'"),
     ("steps:\n  - widen: {layer: a, width: 3, noise: -1}\n", "step 1 (widen): noise must be a number >= 0, got -1"),
     ("steps:\n  - deepen: {after: r, kernel_size: 2}\n", "step 1 (deepen): kernel_size must be an odd integer > 0, got 2"),
     ("steps:\n  - deepen: {after: r, batchnorm: yes please}\n", "step 1 (deepen): batchnorm must be true or false, got 'yes please'"),

@@ -38,7 +38,7 @@ from .yamlio import MAX_YAML_BYTES, decode_text, parse_yaml, read_text_file
 _TOP_KEYS = ("seed", "steps", "verify", "description")
 _VERIFY_KEYS = ("probes", "atol", "rtol", "device")
 _KINDS = ("widen", "deepen")
-_SPLITS = ("equal", "random")
+_SPLITS = ("equal", "random", "zero", "average", "tile")  # widen.SPLIT_WORDS (no torch here)
 _DEEPEN_OPS = ("auto", "linear", "conv", "residual")
 _BLOCKS = ("copy", "zero")  # deepen block: (n2nsurgery.blocks)
 _DEVICES = ("auto", "cpu", "cuda")

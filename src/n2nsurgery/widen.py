@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -41,12 +41,14 @@ from .checkpoint import LazyTensor
 from .errors import N2NError, did_you_mean
 from .model import graph_index
 from .ops import get_op
-from .ops.units import FILL_MODES, Constraint, Event, PlanError, UnitMap, UnitSpace, choose_fill
+from .ops.units import FILL_MODES, SPLIT_OF, Constraint, Event, PlanError, UnitMap, UnitSpace, choose_fill
 from .surgery import history_step
 
 __all__ = ["UnitMap", "Event", "WidenContext", "WidenReport", "plan_group", "widen", "widen_attention", "widen_group", "unit_axis"]
 
-SPLITS = ("equal", "random")
+SPLITS = ("equal", "random")  # the shares of a copy map
+# --split: a copy map's shares, or a fill mode asked for by name (SPEC 5); None picks one.
+SPLIT_WORDS = SPLITS + ("zero", "average", "tile")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class Remap:
     """One recorded remap of one tensor along one dim (see :data:`REMAP_KINDS`).
 
     ``scale_old``: factor on the old units' entries (a norm's γ × √(n/q), say); ``new_value``:
-    the value of the new units' entries, when they are not gathered (a new γ or β of 0).
+    the value of the new units' entries, when they are not gathered (a new γ or β of 0);
+    ``factor``: on every entry, last (a norm's γ and β ÷ k in front of a tied head).
     """
 
     map: UnitMap
@@ -62,9 +65,10 @@ class Remap:
     node: str
     scale_old: float = 1.0
     new_value: Optional[float] = None
+    factor: float = 1.0
 
     def plain(self) -> bool:
-        return self.scale_old == 1.0 and self.new_value is None and self.map.fill in ("copy", "tile")
+        return self.scale_old == 1.0 and self.new_value is None and self.factor == 1.0 and self.map.fill in ("copy", "tile")
 
 
 # How a recorded remap treats the original tensor along one dim:
@@ -84,7 +88,9 @@ class WidenContext:
         value gets a layout: the walk goes on from there), :meth:`remap` (a parameter follows a
         layout), :meth:`set_attr` (an attribute changes with the width), :meth:`constrain` (what
         this member requires of the unit space), :meth:`defer` (run once the rest of the walk is
-        done) and :meth:`refuse`. Nothing is changed until the walk is complete.
+        done), :meth:`readers` (who reads a value), :meth:`has_param` (an optional parameter is
+        there), :meth:`scale` (a remapped parameter times a factor: an OpDef's ``rescale``) and
+        :meth:`refuse`. Nothing is changed until the walk is complete.
     """
 
     def __init__(self, model, layer: str):
@@ -104,6 +110,8 @@ class WidenContext:
         self._tie_checked: set = set()  # tensor keys whose ties were already pulled in
         self.head_plans: dict = {}  # attention node -> the HeadPlan this walk carries out
         self._producers: dict = {}  # layers whose output units the walk widened (rows remapped)
+        self._rescales: list = []  # (reader, producer, factor): a tied head's input is scaled (tile)
+        self.collecting = False  # the walk with the stand-in layout (collect_space)
         graph = graph_index(model)
         self._by_name = graph.by_name
         self._readers = graph.readers
@@ -124,6 +132,14 @@ class WidenContext:
 
     def attrs(self, node) -> dict:
         return node.resolved_attrs()
+
+    def readers(self, value: str) -> list:
+        """The names of the nodes that read `value`."""
+        return [reader.name for reader, _ in self._readers.get(value, ())]
+
+    def has_param(self, node, role: str) -> bool:
+        """Whether `node` has parameter `role` (an optional one may be absent)."""
+        return node.param_key(role) in self.model.tensors
 
     def map_of(self, value: str) -> Optional[tuple]:
         """``(axis, UnitMap)`` assigned to `value` so far, or None."""
@@ -186,11 +202,62 @@ class WidenContext:
             old = dims[dim]
             if old.kind == kind and old.map.same_as(umap) and (old.scale_old, old.new_value) == (entry.scale_old, new_value):
                 return
+            tied = self._reconcile_tie(old, entry)
+            if tied is not None:
+                dims[dim] = tied
+                return
             raise N2NError(
                 f"cannot widen {self.layer!r} exactly: tensor {key!r} (node {node.name!r}) would be remapped twice "
                 "along the same axis in different ways (a parameter tied between coupled layers?)"
             )
         dims[dim] = entry
+
+    def scale(self, node, role: str, factor: float) -> bool:
+        """Multiply every entry of the remapped parameter `role` of `node` by `factor` (after its
+        remap). False when the node has no such parameter, or the walk did not remap it."""
+        key = node.param_key(role)
+        if key not in self.remaps:
+            return False
+        self.remaps[key] = {d: replace(r, factor=r.factor * factor) for d, r in self.remaps[key].items()}
+        return True
+
+    def _reconcile_tie(self, a: Remap, b: Remap) -> Optional[Remap]:
+        """One tensor that is a producer's units along a dim (an embedding's d_model columns) and
+        a reader's input columns along the same dim (the tied lm_head): one remap must serve
+        both, the producer's. That is exact when the reader's new inputs are 0 (its new columns
+        are then free: zero-padding, or average expansion behind a norm whose new outputs are
+        0), or, for a tile, when the reader's input is divided by k instead of its columns
+        (asked of the node before it once the walk is done). None: no remap serves both."""
+        rows, cols = (a, b) if a.kind == "rows" else (b, a)
+        if (rows.kind, cols.kind) != ("rows", "cols") or rows.scale_old != 1.0 or rows.new_value is not None:
+            return None
+        if not (torch.equal(rows.map.src, cols.map.src) and torch.equal(rows.map.new, cols.map.new)):
+            return None
+        if cols.map.fill == "zero" and rows.map.fill in ("zero", "average"):
+            return rows
+        if cols.map.fill == rows.map.fill == "copy" and self.collecting:  # the stand-in layout
+            self.constrain(cols.node, ("zero", "average", "tile"), why=f"its weight is {rows.node!r}'s table, so its columns are that node's units")
+            return rows
+        if cols.map.fill == rows.map.fill == "tile":
+            self._rescales.append((cols.node, rows.node, rows.map.old_size / rows.map.size))
+            return rows
+        return None
+
+    def _resolve_rescales(self) -> None:
+        """A tied reader whose columns are a tile's copies without the 1/k: the node that feeds
+        it scales its output by 1/k instead (a norm's γ and β; GUIDE 6)."""
+        for reader, producer, factor in self._rescales:
+            node = self._by_name[reader]
+            source = self._by_name.get(node.inputs[0]) if len(node.inputs) == 1 else None
+            op = get_op(source.op) if source is not None else None
+            if op is None or op.rescale is None:
+                self.refuse(
+                    reader,
+                    f"its weight is {producer!r}'s table, so with --split tile its columns are copies that "
+                    "cannot also be divided by k, and the node before it cannot divide its input instead; "
+                    "use --split zero or --split average",
+                )
+            op.rescale(self, source, factor)
 
     def set_attr(self, node, name: str, value) -> None:
         self.attr_changes.setdefault(node.name, {})[name] = value
@@ -205,7 +272,7 @@ class WidenContext:
         op = get_op(node.op)
         if node.name not in self._members:
             self._members[node.name] = None
-            self.constraints.append(Constraint(node.name, op.fill_modes))
+            self.constraints.append(Constraint(node.name, op.fill_modes, why=op.fill_why))
         self._current = node.name
         try:
             op.widen(self, node, event)
@@ -232,6 +299,7 @@ class WidenContext:
                     self._deferred.pop(name)()
                 finally:
                     self._current = None
+        self._resolve_rescales()
 
     def _pull_in_tied(self) -> None:
         """A tensor tied between nodes (two nodes naming one checkpoint key) is remapped for all
@@ -241,7 +309,7 @@ class WidenContext:
         remapped (its users come from the graph index, not a scan of every node)."""
         for key in [k for k in self.remaps if k not in self._tie_checked]:
             self._tie_checked.add(key)
-            rows = [r.map for r in self.remaps[key].values() if r.kind == "rows"]
+            rows = {d: r.map for d, r in self.remaps[key].items() if r.kind == "rows"}
             users: dict = {}
             for node, role in self._key_users.get(key, ()):
                 users.setdefault(node.name, (node, []))[1].append(role)
@@ -249,8 +317,10 @@ class WidenContext:
                 if node.name in self._remapped_by.get(key, ()):
                     continue
                 units = get_op(node.op).units
-                if units is not None and rows and roles[0] in units.rows and units.owns(self.attrs(node)):
-                    self.assign(node.name, unit_axis(self.model, node), rows[0])
+                # the twin's units must lie along the same dim of the tensor as the producer's
+                dim = units.unit_dim(roles[0]) if units is not None else None
+                if units is not None and dim in rows and roles[0] in units.rows and units.owns(self.attrs(node)):
+                    self.assign(node.name, unit_axis(self.model, node), rows[dim])
                 else:
                     raise N2NError(
                         f"cannot widen {self.layer!r} exactly: tensor {key!r} is shared with node {node.name!r}, which "
@@ -348,6 +418,8 @@ def _apply_filled(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key
             out.index_copy_(dim, old, out.index_select(dim, old) * r.scale_old)
         if r.new_value is not None:
             out.index_fill_(dim, new, r.new_value)
+        if r.factor != 1.0:
+            out.mul_(r.factor)
     _scale_cols(out, dims, work)
     _add_noise(out, tensor, dims, noise, seed, key, work)
     return out.to(tensor.dtype).contiguous()
@@ -384,6 +456,7 @@ class WidenReport:
     attr_changes: dict  # node -> {attr: new value}
     noise_free: Optional[object] = field(default=None, repr=False)  # the exact student, when noise > 0
     heads: Optional[dict] = None  # heads growth: {"grown", "old": sizes, "new": sizes, "fill"}
+    fill: str = "copy"  # the fill mode the new units were made in (see ops.units.FILL_MODES)
 
     def to_dict(self) -> dict:
         d = {
@@ -392,6 +465,7 @@ class WidenReport:
             "old_width": self.old_width,
             "new_width": self.new_width,
             "split": self.split,
+            "fill": self.fill,
             "noise": self.noise,
             "seed": self.seed,
             "group": list(self.group),
@@ -461,6 +535,7 @@ def collect_space(model, layer: str, width: int) -> tuple:
     axis = unit_axis(model, node)
     n = model.shapes[layer][axis]
     ctx = WidenContext(model, layer)
+    ctx.collecting = True
     ctx.run(layer, axis, _layout(n, width))
     space = UnitSpace(rows=n, block=units.block(node.resolved_attrs()))
     for c in ctx.constraints:
@@ -510,7 +585,18 @@ def plan_group(model, layer: str, width: int, split: str = "equal", seed: int = 
     return ctx
 
 
-def widen(model, layer: str, width: int, *, split: str = "equal", noise: float = 0.0, seed: int = 0):
+def _split_to_fill(split: Optional[str]) -> tuple:
+    """--split word → (shares of a copy map, fill mode or None to let the group choose)."""
+    if split is None:
+        return "equal", None
+    if split not in SPLIT_WORDS:
+        raise N2NError(f"--split must be one of {', '.join(SPLIT_WORDS)}, got {split!r}")
+    if split in SPLITS:
+        return split, "copy"
+    return "equal", split
+
+
+def widen(model, layer: str, width: int, *, split: Optional[str] = None, noise: float = 0.0, seed: int = 0):
     """Net2WiderNet: give linear/conv `layer` `width` output units, keeping the function exact.
 
     Every tensor coupled to the layer's units (batchnorm statistics, residual partners, concat
@@ -519,10 +605,15 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
 
     Args:
         model: the teacher (:class:`~n2nsurgery.model.Model`); not modified.
-        layer: name of a linear or conv node.
+        layer: name of a node with units of its own (linear, conv, linear_t; an embedding: d_model).
         width: the new number of output units (larger than the current one).
-        split: ``"equal"`` (the paper: replicas' outgoing weights divided by the replica count) or
-            ``"random"`` (random proportions summing to one: exact, breaks replica symmetry).
+        split: how the new units are made (SPEC 5): ``"equal"`` (the paper's copy map: replicas'
+            outgoing weights divided by the replica count), ``"random"`` (a copy map, random
+            proportions summing to one: exact, breaks replica symmetry), ``"zero"`` (new units
+            0: a residual stream through RMSNorm), ``"average"`` (new units carry the mean: a
+            stream through LayerNorm), ``"tile"`` (every unit copied k = width/n times), or None:
+            the first exact one of equal, zero, average, tile for the group. A mode that
+            cannot be exact for the group is refused, naming the modes that would work.
         noise: the paper's symmetry-breaking noise, as a fraction of each tensor's standard
             deviation, added to the new replicas' incoming weights only. Not exact when > 0.
         seed: seeds the unit map, the random split and the noise.
@@ -543,9 +634,11 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
     """
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
         raise N2NError(f"--noise must be a non-negative number, got {noise!r}")
-    ctx = plan_group(model, layer, width, split, seed)
+    shares, wanted = _split_to_fill(split)
+    ctx = plan_group(model, layer, width, shares, seed, wanted)
     _refuse_float8_shares(model, ctx)
     old_width = ctx.map_of(layer)[1].old_size
+    split = shares if ctx.fill == "copy" else SPLIT_OF[ctx.fill]  # the word that gives this again
 
     def build(noise_level: float):
         changes, report = {}, []
@@ -577,6 +670,7 @@ def widen(model, layer: str, width: int, *, split: str = "equal", noise: float =
         changes=report,
         attr_changes={k: dict(v) for k, v in ctx.attr_changes.items()},
         noise_free=noise_free,
+        fill=ctx.fill,
     )
 
 
@@ -622,10 +716,12 @@ def _check_memory(model, layer: str, width: int, remaps: Optional[dict] = None) 
     """
     from .guards import check_allocation
 
-    key = graph_index(model).by_name[layer].param_key("weight")
+    node = graph_index(model).by_name[layer]
+    key = node.param_key("weight")
     dtype = model.tensors.dtype(key)
     if remaps is None:
-        per_unit = math.prod(model.tensors.shape(key)[1:])
+        shape = model.tensors.shape(key)
+        per_unit = math.prod(shape) // max(1, shape[get_op(node.op).units.unit_dim("weight")])
         sizes = [width * per_unit]
         total = sizes[0] * (dtype.itemsize + 8) + width * 17  # weight, float64 copy, map
     else:

@@ -19,22 +19,28 @@ AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, Jso
 
 
 def _heads_split(split, head_dim):
-    """--split for heads; head_dim growth pads with zero dims, so its default says zero."""
-    return None if head_dim is not None and split.value == "equal" else split.value
+    """--split for heads: None (not given) is each growth's own default (equal for heads, zero for
+    head_dim, whose new dims are padded with zeros)."""
+    return None if split is None else split.value
 
 
 class Split(str, Enum):
     equal = "equal"
     random = "random"
+    zero = "zero"
+    average = "average"
+    tile = "tile"
 
 
 def print_widen_report(report: dict, heading: bool = True) -> None:
+    # A copy map is named by its shares (equal, random); any other mode by itself (zero, ...)
+    mode = f"split {report['split']}" if report.get("fill", "copy") == "copy" else f"fill {report['fill']}"
     if report.get("heads") is not None:
         _print_heads_line(report)
     elif heading:
         console.print(
             f"widened [bold]{escape(report['layer'])}[/] {report['old_width']} → {report['new_width']} units "
-            f"(split {report['split']}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
+            f"({mode}, seed {report['seed']}); coupled group: {escape(', '.join(report['group']))}"
         )
     table = Table(title="tensors changed" if heading else f"tensors changed ({escape(report['layer'])})", title_justify="left")
     table.add_column("tensor")
@@ -107,7 +113,7 @@ def widen_cmd(
     width: Annotated[Optional[int], typer.Option("--width", help="Its new number of output units (larger than now).", show_default=False, rich_help_panel="Widening")] = None,
     output: OutputOpt = None,
     arch: ArchOpt = None,
-    split: Annotated[Split, typer.Option("--split", help="equal: replicas share outgoing weights equally (the paper); random: random proportions summing to one (exact, breaks symmetry).", rich_help_panel="Widening")] = Split.equal,
+    split: Annotated[Optional[Split], typer.Option("--split", help="equal: replicas share outgoing weights equally (the paper); random: random proportions summing to one (exact, breaks symmetry); zero: new units 0 (RMSNorm streams); average: new units carry the mean (LayerNorm streams); tile: every unit copied WIDTH/n times. Default: the first exact one of equal, zero, average, tile.", show_default=False, rich_help_panel="Widening")] = None,
     noise: Annotated[float, typer.Option("--noise", min=0.0, help="The paper's noise (σ relative to each tensor's std) on new replicas only; not exact: the deviation is reported.", rich_help_panel="Widening")] = 0.0,
     heads: Annotated[Optional[int], typer.Option("--heads", help="Attention: query heads N (MHA: every head, kv heads too; GQA: a multiple of the kv heads).", show_default=False, rich_help_panel="Attention heads")] = None,
     kv_heads: Annotated[Optional[int], typer.Option("--kv-heads", help="Attention: kv heads N, each new one with a copy of its query group.", show_default=False, rich_help_panel="Attention heads")] = None,
@@ -135,6 +141,7 @@ def widen_cmd(
     teacher = load_model(checkpoint, arch)
     preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
     several = len(layer) > 1 or is_glob(layer[0])
+    split_word = split.value if split is not None else None  # None: the first exact mode for the group
     if grow_heads:
         if several:
             raise N2NError("--heads, --kv-heads and --head-dim grow one attention node per step: give one --layer, "
@@ -142,9 +149,9 @@ def widen_cmd(
         student, report = widen_attention(teacher, layer[0], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                           split=_heads_split(split, head_dim), seed=seed)
     elif several:
-        student, report = widen_many(teacher, layer, width, split=split.value, noise=noise, seed=seed)
+        student, report = widen_many(teacher, layer, width, split=split_word, noise=noise, seed=seed)
     else:
-        student, report = widen(teacher, layer[0], width, split=split.value, noise=noise, seed=seed)
+        student, report = widen(teacher, layer[0], width, split=split_word, noise=noise, seed=seed)
     what = f"widening {', '.join(map(repr, layer))}"
     finish_surgery(teacher, student, report.to_dict(), output=output, verify=verify, probes=probes, seed=seed,
                    device=device.value, atol=atol, rtol=rtol, json_out=json_out, what=what,

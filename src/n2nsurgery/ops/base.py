@@ -219,13 +219,16 @@ class Units:
     ``block(attrs)``: rows per unit (1; an attention head would be head_dim rows).
     ``owns(attrs)``: whether its output units are its own; a depthwise conv's follow its input,
     so a tied twin of it cannot join a group through its rows.
-    ``rows``: the parameter roles whose dim 0 are the units.
+    ``rows``: the parameter roles that hold the units; ``unit_dim(role)`` is the dim of that
+    role's tensor along which they lie (0, the rows, for linear and conv; an embedding's
+    ``[vocab, d]`` table and a transposed linear's ``[in, out]`` weight hold them in dim 1).
     """
 
     axis: Callable[[Shape, dict], int]
     block: Callable[[dict], int] = lambda attrs: 1
     owns: Callable[[dict], bool] = lambda attrs: True
     rows: tuple = ("weight", "bias")
+    unit_dim: Callable[[str], int] = lambda role: 0
 
 
 @dataclass(frozen=True)
@@ -285,12 +288,17 @@ class OpDef:
     doc: str = ""
     units: Optional[Units] = None  # units of its own: widen starts here, the walk ends here
     fill_modes: frozenset = COPY_LIKE  # fill modes it stays exact under when widened units pass
+    fill_why: str = ""  # why it allows only those (said when it is the member that refuses)
     activation: Optional[Activation] = None  # deepen may insert it after an identity layer
     insert: Optional[Insert] = None  # deepen can build a new instance of it
     show_params: Callable = show_params  # ({role: shape}) -> str, the inspect table's cell
     # Units are attention heads: (attrs, in_shapes, request, split, gen) -> units.HeadPlan, where
     # request is {"heads" | "kv_heads" | "head_dim": N}; raises units.PlanError when not exact.
     heads: Optional[Callable] = None
+    # (ctx, node, factor) -> None: multiply this node's output by `factor` through its own
+    # parameters (a norm's γ and β), asked when a tied head cannot take a tile's 1/k in its own
+    # columns (see n2nsurgery.widen); None: it cannot, and the widening is refused.
+    rescale: Optional[Callable] = None
 
 
 REGISTRY: dict[str, OpDef] = {}

@@ -5,13 +5,16 @@ gives one row of its weight ``[vocab, d]`` per id. ``position_embedding`` gives 
 its weight ``[positions, d]`` for an input of ``T`` positions (GPT-2's ``wpe``); an ``add`` node
 sums it with the token embedding.
 
-Both refuse widening for now (the default rule of :mod:`.base`): widening d_model is the whole
-residual stream's coupled group (docs/widen.md#transformer-layers), which is not implemented yet.
+Both are producers of d_model: their units are the table's columns (weight dim 1), so
+``--layer EMBEDDING --width N`` widens the residual stream, whose coupled group is every writer,
+norm and reader of it (docs/transformers.md; the norms decide which fill modes are exact). The token
+embedding can start a widening (it has ``units``); the position embedding joins the group
+through the ``add`` that sums the two.
 """
 
 import torch.nn.functional as F
 
-from .base import OpDef, Param, expect, fmt_shape, register
+from .base import ANY_FILL, OpDef, Param, Units, expect, fmt_shape, register
 
 
 def _embedding_infer(in_shapes, p, a):
@@ -58,12 +61,32 @@ def _position(xs, p, a):
     return rows.unsqueeze(0).repeat(x.shape[0], 1, 1)
 
 
+def _widen(ctx, node, event):
+    """The features (the last axis) are the table's columns; positions cannot grow, and the
+    input (ids, or the position axis of whatever position_embedding reads) gives no units."""
+    features = len(ctx.shape(node.name)) - 1
+    if event.kind == "input":
+        if event.axis == 0:
+            ctx.refuse(node, "its output has one row per position of its input, and positions cannot be widened")
+        return  # position_embedding reads only how many positions its input has
+    if event.axis != features:
+        ctx.refuse(node, "positions cannot be widened; widen the features (its table's columns)")
+    # New columns of the table: zeros (zero), the mean of each row's columns (average), or copies
+    ctx.remap(node, "weight", 1, event.map, "rows")
+
+
+# The table's columns are the units (dim 1 of [vocab, d]); tied to a head, that head reads them.
+_UNITS = Units(axis=lambda shape, attrs: len(shape) - 1, rows=("weight",), unit_dim=lambda role: 1)
+
 EMBEDDING = register(
     OpDef(
         name="embedding",
         forward=_embedding,
         infer_shape=_embedding_infer,
         params={"weight": Param()},
+        widen=_widen,
+        units=_UNITS,
+        fill_modes=ANY_FILL,  # a producer: its new columns take any fill
         doc="Token embedding: row ids[t] of weight [vocab, d] for every position t.",
     )
 )
@@ -74,6 +97,8 @@ POSITION_EMBEDDING = register(
         forward=_position,
         infer_shape=_position_infer,
         params={"weight": Param()},
+        widen=_widen,
+        fill_modes=ANY_FILL,
         doc="Learned position embedding: rows 0..T-1 of weight [positions, d] for an input of T positions.",
     )
 )

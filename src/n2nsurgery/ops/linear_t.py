@@ -6,12 +6,14 @@ than an attribute of ``linear``, keeps each layout's shape rule and (later) wide
 place: here rows of ``W`` are input features and columns are output units, the other way round
 from ``linear``.
 
-Refuses widening for now (the default rule of :mod:`.base`).
+Widening follows ``linear``'s rule with the dims swapped: as a producer (``c_fc`` of GPT-2's
+MLP) its units are the weight's columns (dim 1) and the bias; as a consumer (``c_proj``, or a
+reader of the residual stream) its inputs are the weight's rows (dim 0).
 """
 
 import torch
 
-from .base import OpDef, Param, expect, fmt_shape, register
+from .base import ANY_FILL, OpDef, Param, Units, expect, fmt_shape, register
 
 
 def _infer(in_shapes, p, a):
@@ -37,12 +39,31 @@ def _forward(xs, p, a):
     return out.reshape(x.shape[:-1] + (w.shape[1],))
 
 
+def _widen(ctx, node, event):
+    """Units are the features of the last axis; every other axis passes straight through."""
+    features = len(ctx.shape(node.name)) - 1
+    if event.axis != features:  # a batch-like axis of the input: applied per position
+        if event.kind == "input":
+            ctx.assign(node.name, event.axis, event.map)
+        else:
+            ctx.assign(node.inputs[0], event.axis, event.map)
+    elif event.kind == "output":  # this layer produces the widened units: its columns, its bias
+        ctx.remap(node, "weight", 1, event.map, "rows")
+        ctx.remap(node, "bias", 0, event.map, "rows")
+    else:  # this layer consumes them: replicas split the original row
+        ctx.remap(node, "weight", 0, event.map, "cols")
+
+
 LINEAR_T = register(
     OpDef(
         name="linear_t",
         forward=_forward,
         infer_shape=_infer,
         params={"weight": Param(), "bias": Param(optional=True)},
+        widen=_widen,
+        # features: the last axis; they are the weight's dim 1 ([in, out]) and the bias's dim 0
+        units=Units(axis=lambda shape, attrs: len(shape) - 1, unit_dim=lambda role: 1 if role == "weight" else 0),
+        fill_modes=ANY_FILL,  # it ends the chain: its rows and columns take any fill
         doc="Linear layer with the weight stored [in, out]: y = x @ W + b (GPT-2's Conv1D).",
     )
 )

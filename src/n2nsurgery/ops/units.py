@@ -29,6 +29,15 @@ import torch
 #   "average": new units carry the mean of the old ones (producers' new rows are row means).
 FILL_MODES = ("copy", "tile", "zero", "average")
 
+# The order a default widening tries them in (no --split given): the paper's copy wherever it is
+# exact (every group that has no norm in it: their results stay what they always were); then
+# zero and average, whose new units readers can train freely; tile last, because its replicas
+# are exact copies that get identical gradients forever (GUIDE 1, symmetry).
+PREFERENCE = ("copy", "zero", "average", "tile")
+
+# The --split word that asks for each fill mode (copy: equal or random shares).
+SPLIT_OF = {"copy": "equal", "tile": "tile", "zero": "zero", "average": "average"}
+
 
 @dataclass(frozen=True)
 class UnitMap:
@@ -204,7 +213,7 @@ class PlanError(Exception):
 
 
 def choose_fill(space: UnitSpace, width: int, wanted: Optional[str] = None) -> str:
-    """The one fill mode every member allows (the first of :data:`FILL_MODES` that does, or
+    """The one fill mode every member allows (the first of :data:`PREFERENCE` that does, or
     `wanted` when given), for widening ``space.rows`` rows to `width`.
 
     Raises:
@@ -214,11 +223,14 @@ def choose_fill(space: UnitSpace, width: int, wanted: Optional[str] = None) -> s
     for c in space.constraints:
         if space.rows % c.block or width % c.block:
             raise PlanError(c.node, f"its units come in blocks of {c.block} rows, so the width must be a multiple of {c.block} (got {width})")
-    candidates = [wanted] if wanted is not None else list(FILL_MODES)
+    candidates = [wanted] if wanted is not None else list(PREFERENCE)
     note = ""
     if width % space.rows and "tile" in candidates:  # tile copies every unit k times: width = k·n
         candidates.remove("tile")
         note = f"; tile needs a width that is a multiple of {space.rows}"
+        if not candidates:  # only tile was asked for
+            first = space.constraints[0].node if space.constraints else "?"
+            raise PlanError(first, f"--split tile copies every unit k times, so the width must be a multiple of {space.rows} (got {width}){_split_hint(space, width, wanted)}")
     for c in space.constraints:
         if c.modes is None:
             continue
@@ -227,10 +239,9 @@ def choose_fill(space: UnitSpace, width: int, wanted: Optional[str] = None) -> s
             allowed = ", ".join(m for m in FILL_MODES if m in c.modes)
             why = f" ({c.why})" if c.why else ""
             tried = ", ".join(candidates) or "none"
-            raise PlanError(c.node, f"it allows only the fill modes {allowed}{why}, and the rest of the group allows {tried}{note}")
+            hint = _split_hint(space, width, wanted)
+            raise PlanError(c.node, f"it allows only the fill modes {allowed}{why}, and the rest of the group allows {tried}{note}{hint}")
         candidates = left
-    if not candidates:  # only `wanted` = tile was asked for, and the width is not a multiple
-        raise PlanError(space.constraints[0].node if space.constraints else "?", note.lstrip("; "))
     return candidates[0]
 
 
@@ -256,3 +267,17 @@ class HeadPlan:
     old: dict
     new: dict
     q_gain: float = 1.0
+
+
+def _split_hint(space: UnitSpace, width: int, wanted: Optional[str]) -> str:
+    """'; use --split zero or --split tile': the --split words of the modes the WHOLE group
+    allows at this width (said when a requested mode is refused); '' when none would do."""
+    if wanted is None:
+        return ""
+    left = []
+    for mode in PREFERENCE:
+        if mode == "tile" and width % space.rows:
+            continue
+        if all(c.modes is None or mode in c.modes for c in space.constraints):
+            left.append(f"--split {SPLIT_OF[mode]}")
+    return "; use " + " or ".join(left) if left else ""
