@@ -1,4 +1,4 @@
-"""Exact growth of attention (issue 14, GUIDE §6): heads (MHA), kv heads with their query groups
+"""Exact growth of attention (issue 14; docs/transformers.md): heads (MHA), kv heads with their query groups
 (GQA), query heads per group, head_dim with rotary.
 
 The oracle is transformers itself: a random-init Llama / Qwen2 / Mistral teacher from a tiny

@@ -47,7 +47,7 @@ from .surgery import history_step
 __all__ = ["UnitMap", "Event", "WidenContext", "WidenReport", "plan_group", "widen", "widen_attention", "widen_group", "unit_axis"]
 
 SPLITS = ("equal", "random")  # the shares of a copy map
-# --split: a copy map's shares, or a fill mode asked for by name (SPEC 5); None picks one.
+# --split: a copy map's shares, or a fill mode asked for by name (docs/transformers.md); None picks one.
 SPLIT_WORDS = SPLITS + ("zero", "average", "tile")
 
 
@@ -245,7 +245,7 @@ class WidenContext:
 
     def _resolve_rescales(self) -> None:
         """A tied reader whose columns are a tile's copies without the 1/k: the node that feeds
-        it scales its output by 1/k instead (a norm's γ and β; GUIDE 6)."""
+        it scales its output by 1/k instead (a norm's γ and β; docs/transformers.md)."""
         for reader, producer, factor in self._rescales:
             node = self._by_name[reader]
             source = self._by_name.get(node.inputs[0]) if len(node.inputs) == 1 else None
@@ -607,7 +607,7 @@ def widen(model, layer: str, width: int, *, split: Optional[str] = None, noise: 
         model: the teacher (:class:`~n2nsurgery.model.Model`); not modified.
         layer: name of a node with units of its own (linear, conv, linear_t; an embedding: d_model).
         width: the new number of output units (larger than the current one).
-        split: how the new units are made (SPEC 5): ``"equal"`` (the paper's copy map: replicas'
+        split: how the new units are made (docs/transformers.md): ``"equal"`` (the paper's copy map: replicas'
             outgoing weights divided by the replica count), ``"random"`` (a copy map, random
             proportions summing to one: exact, breaks replica symmetry), ``"zero"`` (new units
             0: a residual stream through RMSNorm), ``"average"`` (new units carry the mean: a
@@ -1001,7 +1001,7 @@ def plan_heads(model, attn: str, request: dict, split: Optional[str], seed: int)
 
 def widen_attention(model, attn: str, *, heads: Optional[int] = None, kv_heads: Optional[int] = None,
                     head_dim: Optional[int] = None, split: Optional[str] = None, seed: int = 0):
-    """Grow the heads of attention node `attn` exactly (GUIDE §6); give exactly one size.
+    """Grow the heads of attention node `attn` exactly (docs/transformers.md); give exactly one size.
 
     Args:
         model: the teacher; not modified.

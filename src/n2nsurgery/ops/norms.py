@@ -118,7 +118,7 @@ def _widen_rescaled(ctx, node, m):
 
 
 def _rescale_rule(other: str):
-    """Scale the output by a factor through γ and β (a tile in front of a tied head: GUIDE 6);
+    """Scale the output by a factor through γ and β (a tile in front of a tied head: docs/transformers.md);
     `other` is the exact mode that needs no such help, for the refusals."""
 
     def rescale(ctx, node, factor):

@@ -32,7 +32,7 @@ FILL_MODES = ("copy", "tile", "zero", "average")
 # The order a default widening tries them in (no --split given): the paper's copy wherever it is
 # exact (every group that has no norm in it: their results stay what they always were); then
 # zero and average, whose new units readers can train freely; tile last, because its replicas
-# are exact copies that get identical gradients forever (GUIDE 1, symmetry).
+# are exact copies that get identical gradients forever (docs/design.md#net2net-in-one-paragraph: symmetry).
 PREFERENCE = ("copy", "zero", "average", "tile")
 
 # The --split word that asks for each fill mode (copy: equal or random shares).
