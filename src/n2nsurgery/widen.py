@@ -400,8 +400,11 @@ def _add_noise(out, tensor, dims, noise, seed, key, work) -> None:
 def _apply_filled(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key: str) -> torch.Tensor:
     """The general remap: gathers, then per dim the fill mode's new rows (zero, or the mean of
     the old rows), the old entries' scale and a fixed value for new entries; then columns'
-    shares and noise. Whole-tensor arithmetic in the working dtype."""
+    shares and noise. Whole-tensor arithmetic in the working dtype, except in the common case of
+    one remapped dim without noise, done a block of rows at a time (:func:`_apply_filled_blocks`)."""
     work = _work_dtype(tensor.dtype)
+    if noise == 0 and len(dims) == 1 and tensor.dim() >= 1:
+        return _apply_filled_blocks(tensor, *next(iter(dims.items())), work)
     out = tensor.to(work)
     for dim in sorted(dims):
         r = dims[dim]
@@ -423,6 +426,57 @@ def _apply_filled(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key
     _scale_cols(out, dims, work)
     _add_noise(out, tensor, dims, noise, seed, key, work)
     return out.to(tensor.dtype).contiguous()
+
+
+# Elements of the float32 working copy held at once by the block-wise remaps (8 MiB).
+_BLOCK_ELEMENTS = 2 << 20
+
+
+def _apply_filled_blocks(tensor: torch.Tensor, dim: int, r, work: torch.dtype) -> torch.Tensor:
+    """:func:`_apply_filled` for one remapped dim, with the same float32 arithmetic per element
+    (so the same bytes), a block of rows (dim 0) at a time: growing d_model touches every large
+    tensor of a model (the embedding, the head), and a whole-tensor float32 copy of each, beside
+    the gathered copy, would hold several times the largest tensor (peak RSS, docs/scale.md)."""
+    out = tensor.index_select(dim, r.map.src).contiguous()  # a gather is exact in any dtype
+    new = r.map.new
+    mean = _mean_along(tensor, dim, work) if r.kind == "rows" and r.map.fill == "average" and bool(new.any()) else None
+    share = r.map.share.to(work) if r.kind == "cols" else None
+    rows = max(1, _BLOCK_ELEMENTS // max(1, out[0].numel()))
+    for i in range(0, out.shape[0], rows):
+        block = out[i : i + rows]
+        x = block.to(work)  # the block itself when already in the working dtype (`out` is ours)
+        sel = slice(i, i + rows) if dim == 0 else slice(None)
+        is_new = new[sel]
+        new_idx, old_idx = is_new.nonzero().flatten(), (~is_new).nonzero().flatten()
+        if r.kind == "rows" and r.map.fill == "zero":
+            x.index_fill_(dim, new_idx, 0.0)
+        elif mean is not None and new_idx.numel():
+            m = mean if dim == 0 else mean[i : i + rows]
+            x.index_copy_(dim, new_idx, m.expand_as(x.index_select(dim, new_idx)).contiguous())
+        if r.scale_old != 1.0:
+            x.index_copy_(dim, old_idx, x.index_select(dim, old_idx) * r.scale_old)
+        if r.new_value is not None:
+            x.index_fill_(dim, new_idx, r.new_value)
+        if r.factor != 1.0:
+            x.mul_(r.factor)
+        if share is not None:
+            view = [1] * x.dim()
+            view[dim] = x.shape[dim]
+            x.mul_(share[sel].reshape(view))
+        block.copy_(x)
+    return out
+
+
+def _mean_along(tensor: torch.Tensor, dim: int, work: torch.dtype) -> torch.Tensor:
+    """``tensor.to(work).mean(dim, keepdim=True)`` without a float32 copy of the whole tensor:
+    slices along another axis (each slice's means are computed as the whole tensor's are)."""
+    if tensor.dim() == 1:
+        return tensor.to(work).mean(dim=0, keepdim=True)
+    axis = 1 if dim == 0 else 0
+    step = max(1, _BLOCK_ELEMENTS // max(1, tensor.numel() // tensor.shape[axis]))
+    parts = [tensor.narrow(axis, i, min(step, tensor.shape[axis] - i)).to(work).mean(dim=dim, keepdim=True)
+             for i in range(0, tensor.shape[axis], step)]
+    return torch.cat(parts, dim=axis)
 
 
 def _lazy_remap(model, key: str, dims: dict, noise: float, seed: int) -> LazyTensor:
