@@ -88,7 +88,26 @@ class TensorInfo:
         return self.end - self.start
 
 
-class Checkpoint:
+class HeaderIndex:
+    """What a parsed header alone answers (no tensor is read): the keys, each tensor's shape and
+    dtype. Shared by :class:`Checkpoint` and a sharded checkpoint's lazily opened shards."""
+
+    infos: dict
+
+    def keys(self) -> list:
+        return list(self.infos)
+
+    def __contains__(self, key) -> bool:
+        return key in self.infos
+
+    def shape(self, key: str) -> tuple:
+        return self.infos[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.infos[key].dtype
+
+
+class Checkpoint(HeaderIndex):
     """A safetensors file opened for reading. Tensors are loaded lazily, on :meth:`get`.
 
     Example:
@@ -105,18 +124,6 @@ class Checkpoint:
         # The open input file (None for stdin): lets the writer copy untouched tensors
         # file-to-file in the kernel, so their bytes never enter this process.
         self._file = file
-
-    def keys(self) -> list:
-        return list(self.infos)
-
-    def __contains__(self, key) -> bool:
-        return key in self.infos
-
-    def shape(self, key: str) -> tuple:
-        return self.infos[key].shape
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.infos[key].dtype
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under `key`, read from the file now (a fresh tensor, never a view).

@@ -46,6 +46,7 @@ import torch
 from . import progress
 from .checkpoint import (
     Checkpoint,
+    HeaderIndex,
     TempPath,
     TensorSource,
     data_size,
@@ -164,7 +165,7 @@ class _OpenShards:
         return ckpt
 
 
-class _Shard:
+class _Shard(HeaderIndex):
     """One shard: its header, read when the checkpoint is opened; its file, open only while used."""
 
     def __init__(self, source: str, infos: dict, mappable: bool, pool: _OpenShards):
@@ -172,18 +173,6 @@ class _Shard:
         self.infos = infos
         self._mappable = mappable  # False: read into memory (standard input, no mmap): no spans
         self._pool = pool
-
-    def keys(self) -> list:
-        return list(self.infos)
-
-    def __contains__(self, key) -> bool:
-        return key in self.infos
-
-    def shape(self, key: str) -> tuple:
-        return self.infos[key].shape
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.infos[key].dtype
 
     def open(self) -> Checkpoint:
         """The shard's file, opened now unless it still is (closing the least recently used)."""
