@@ -52,10 +52,13 @@ def print_widen_report(report: dict, heading: bool = True) -> None:
         for k, v in attrs.items():
             table.add_row(escape(f"{node} (attribute {k})"), "", str(v))
     console.print(table)
-    if report.get("noise_deviation") is not None:
-        d = report["noise_deviation"]
+    _print_noise(report.get("noise_deviation"), report.get("noise"))
+
+
+def _print_noise(deviation, noise) -> None:
+    if deviation is not None:
         console.print(
-            f"noise σ={report['noise']:g} moves the outputs by max |Δ| {d['max_abs']:.3g} (relative {d['max_rel']:.3g}); "
+            f"noise σ={noise:g} moves the outputs by max |Δ| {deviation['max_abs']:.3g} (relative {deviation['max_rel']:.3g}); "
             "the verification below is of the same widening without noise"
         )
 
@@ -73,12 +76,7 @@ def print_widen_many(report: dict) -> None:
         console.print(f"  {escape(s['layer'])}: widened with {escape(s['widened_with'])} (same coupled group)")
     for g in groups:
         print_widen_report(dict(g, noise_deviation=None), heading=False)
-    if report.get("noise_deviation") is not None:
-        d = report["noise_deviation"]
-        console.print(
-            f"noise σ={groups[0]['noise']:g} moves the outputs by max |Δ| {d['max_abs']:.3g} (relative {d['max_rel']:.3g}); "
-            "the verification below is of the same widening without noise"
-        )
+    _print_noise(report.get("noise_deviation"), groups[0]["noise"] if groups else 0.0)
 
 
 def _print_heads_line(report: dict) -> None:
