@@ -15,6 +15,7 @@ AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, Jso
     OverwriteInputOpt, ProbesOpt, RtolOpt, SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
     DryRunOpt, OutputsOnlyOpt, preflight_surgery, require_output,
 )
+from .common import FormatOpt
 
 
 class Split(str, Enum):
@@ -89,6 +90,7 @@ def widen_cmd(
     allow_nonfinite: AllowNonfiniteOpt = False,
     dry_run: DryRunOpt = False,
     outputs_only: OutputsOnlyOpt = False,
+    output_format: FormatOpt = None,
 ):
     """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
     from ..model import load_model  # torch: only once a command runs
@@ -97,7 +99,8 @@ def widen_cmd(
     check_json_target(json_out, output)
     require_output(output, dry_run)
     teacher = load_model(checkpoint, arch)
-    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
+    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size,
+                      output_format=getattr(output_format, "value", None))
     several = len(layer) > 1 or is_glob(layer[0])
     if several:
         student, report = widen_many(teacher, layer, width, split=split.value, noise=noise, seed=seed)
@@ -109,4 +112,4 @@ def widen_cmd(
                    print_report=print_widen_many if several else print_widen_report, noise_free=report.noise_free,
                    max_shard_size=max_shard_size,
                    overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, dry_run=dry_run,
-                   outputs_only=outputs_only)
+                   outputs_only=outputs_only, output_format=output_format)
