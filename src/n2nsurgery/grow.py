@@ -179,6 +179,11 @@ def _unavailable(family: str, name: str) -> str:
     return f"growing {name} needs attention growth (widen_attention), which is not available in this build"
 
 
+def available(family: str, name: str) -> bool:
+    """Whether this build can grow config field `name` of a `family` model."""
+    return not _unavailable(family, name)
+
+
 def run_step(model, step: GrowStep, seed: int = 0):
     """Run one planned step: ``(student, report dict, renames)`` (renames: deepen's)."""
     if not step.available:
@@ -209,6 +214,13 @@ def _run_deepen(model, args: dict, seed: int):
     return student, report.to_dict(), report.renames
 
 
+def verification_dict(result) -> Optional[dict]:
+    """A verification as JSON, with its worst errors on top (``max_abs``, ``max_rel``)."""
+    if result is None:
+        return None
+    return {"max_abs": result.max_abs, "max_rel": result.max_rel, **result.to_dict()}
+
+
 def run_plan(teacher, plan: GrowPlan, *, seed: int = 0, verify: bool = True, on_step=None, **check) -> tuple:
     """Run every step of `plan`, each verified against the model before it (``check``: the
     options of :func:`~n2nsurgery.commit.commit`: probes, device, atol, rtol, outputs_only).
@@ -230,8 +242,7 @@ def run_plan(teacher, plan: GrowPlan, *, seed: int = 0, verify: bool = True, on_
         done = commit(model, student, None, verify=verify, seed=seed, renames=renames,
                       what=f"grow step {i} ({step.field} {step.old} -> {step.new})", **check)
         where = {t: (renames or {}).get(now, now) for t, now in where.items()}
-        result = {**step.to_dict(), "report": report,
-                  "verification": done.verification.to_dict() if done.verification is not None else None}
+        result = {**step.to_dict(), "report": report, "verification": verification_dict(done.verification)}
         results.append(result)
         if on_step is not None:
             on_step(i, step, done.verification)

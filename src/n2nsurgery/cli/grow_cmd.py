@@ -51,7 +51,7 @@ def grow_cmd(
 ):
     """Grow a Hugging Face model to the sizes --set or --to name: plan the widen and deepen steps, run and verify each and the whole, write the folder."""
     from ..commit import commit  # torch: only once a command runs
-    from ..grow import parse_sets, plan_growth, run_plan, target_from_config
+    from ..grow import parse_sets, plan_growth, run_plan, target_from_config, verification_dict
     from ..hf_folder import is_hf_folder, read_config
     from ..model import load_model
 
@@ -85,7 +85,7 @@ def grow_cmd(
                   output_format=fmt, **check)
     end = done.verification
     if json_out:
-        emit_json({"plan": plan.to_dict(), "steps": results, "end_to_end": end.to_dict() if end else None,
+        emit_json({"plan": plan.to_dict(), "steps": results, "end_to_end": verification_dict(end),
                    "parameters": {"before": teacher.parameter_count(), "after": student.parameter_count()},
                    "output": output, "dry_run": False})
         return
