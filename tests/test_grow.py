@@ -134,3 +134,14 @@ def test_grow_everything_from_a_two_layer_llama(tmp_path, runner):
     student = transformers.LlamaForCausalLM.from_pretrained(str(out))
     assert student.config.hidden_size == 32 and student.config.num_key_value_heads == 4
     assert_same_function(src, str(out))
+
+
+def test_the_shipped_tiny_folder_grows_as_the_docs_say(tmp_path, runner):
+    from conftest import RECIPES
+
+    src = str(RECIPES / "llama-tiny-hf")
+    out = tmp_path / "llama-tiny-grown"
+    r = runner.invoke(app, ["grow", src, "--set", "intermediate_size=96", "--set", "num_hidden_layers=4", "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert_same_function(src, str(out))
+    assert (config_of(out)["intermediate_size"], config_of(out)["num_hidden_layers"]) == (96, 4)
