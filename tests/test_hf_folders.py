@@ -255,12 +255,15 @@ def test_inspect_shows_the_config_summary_first(tmp_path, runner):
     assert info["tied"] is True and info["family"] == "qwen2"
 
 
-def test_verify_a_deepened_folder_outputs_only(tmp_path, runner):
-    src = save_hf(tmp_path / "teacher", "gpt2")
+def test_verify_a_deepened_folder_follows_the_renumbering_in_its_history(tmp_path, runner):
+    src = save_hf(tmp_path / "teacher", "gpt2", n_layer=3)
     out = tmp_path / "student"
-    assert runner.invoke(app, ["deepen", src, "--after", "transformer.h.1", "--block", "zero", "-o", str(out)]).exit_code == 0
-    r = runner.invoke(app, ["verify", src, str(out), "--outputs-only"])
+    r = runner.invoke(app, ["deepen", src, "--every", "1", "--block", "zero", "-o", str(out)])
     assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, ["verify", src, str(out), "--json"])
+    assert r.exit_code == 0, r.stderr
+    inside = json.loads(r.stdout)["intermediates"]
+    assert inside["failed"] == 0 and inside["compared"] > 30  # the renumbered blocks too, each with its original
 
 
 # ---------------------------------------------------------------------------------- refusals

@@ -411,3 +411,26 @@ def deepen_blocks(model, after: list, mode: str = "copy", *, seed: int = 0):
                        arch={"nodes_before": len(model.arch.nodes), "nodes_after": len(student.arch.nodes),
                              "parameters_before": model.parameter_count(), "parameters_after": student.parameter_count()})
     return student, out
+
+
+def history_renames(a, b) -> dict:
+    """A's node names -> B's, for a B made from A by block deepenings (read from B's history).
+
+    Only when A's history is where B's begins (B was grown from A, or from a model A was grown
+    from alike): the block deepenings after it renumbered later blocks, each as
+    :func:`deepen_block` did. Otherwise {} (compare by name, as for any two models).
+    """
+    ha, hb = list(a.history), list(b.history)
+    if len(hb) <= len(ha) or hb[: len(ha)] != ha:
+        return {}
+    where = {n: n for n in a.arch.node_names()}
+    for step in hb[len(ha):]:
+        args = step.get("args") if isinstance(step, dict) else None
+        if not (isinstance(args, dict) and step.get("op") == "deepen" and args.get("block") and isinstance(args.get("after"), str)):
+            continue
+        m = _BLOCK_NAME.match(args["after"])
+        if m is None:
+            return {}
+        block = Block(args["after"], m.group(1), int(m.group(2)), "", [], [])
+        where = {t: _later_blocks([now], block).get(now, now) for t, now in where.items()}
+    return {t: now for t, now in where.items() if t != now}
