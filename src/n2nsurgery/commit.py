@@ -146,7 +146,7 @@ def commit(teacher, student, out: Optional[str] = None, *, verify: bool = True, 
 
 def _check_folder_student(teacher, student, out, output_format) -> None:
     """A Hugging Face folder is written only for a student its config.json describes: refused
-    before the verification, not after it (docs/notes-h12-hf.md)."""
+    before the verification, not after it."""
     from .hf_folder import check_describes, student_config, writes_folder
 
     if writes_folder(teacher, out, output_format) and getattr(student, "hf", None) is not None:

@@ -1,4 +1,4 @@
-"""Hugging Face model folders as checkpoints: read one, write one (SPEC §6, docs/notes-h12-hf.md).
+"""Hugging Face model folders as checkpoints: read one, write one (SPEC §6).
 
 A Hugging Face folder is ``config.json`` plus ``model.safetensors`` (or an index and shards),
 usually with tokenizer files and ``generation_config.json`` beside them.
