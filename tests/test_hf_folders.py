@@ -115,6 +115,7 @@ def test_deepen_block_after_first_gives_a_folder_that_from_pretrained_loads_exac
     assert r.exit_code == 0, r.stderr
     cfg = config_of(out)
     assert cfg.get("num_hidden_layers", cfg.get("n_layer")) == 3
+    assert cfg.get("n_inner", 64) == 64 and cfg.get("head_dim", 4) == 4  # pinned: GPT-2's null n_inner, Llama's derived head_dim
     if case == "qwen2-biases":
         assert cfg["layer_types"] == ["full_attention"] * 3
         assert os.path.exists(out / "model.safetensors.index.json")  # the input's layout
@@ -305,3 +306,27 @@ def test_seq_len_beyond_the_sliding_window_is_refused_and_within_it_accepted(tmp
     r = runner.invoke(app, ["deepen", src, "--after", "model.layers.0", "--block", "copy", "--seq-len", "6", "-o", str(out)])
     assert r.exit_code == 0, r.stderr
     assert config_of(out)["sliding_window"] == 6
+
+
+def test_arch_still_wins_over_config_json(tmp_path, runner):
+    from n2nsurgery.hf_arch import arch_yaml_from_config
+
+    src = save_hf(tmp_path / "teacher", "llama-gqa-tied")
+    (tmp_path / "short.yaml").write_text(arch_yaml_from_config(config_of(src), seq_len=3))
+    r = runner.invoke(app, ["inspect", src, "--arch", str(tmp_path / "short.yaml"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["inputs"]["input_ids"]["shape"] == [3]
+
+
+def test_python_api_reads_and_writes_folders(tmp_path):
+    import n2nsurgery as n2n
+    from n2nsurgery.blocks import deepen_blocks, every_kth_block
+
+    src = save_hf(tmp_path / "teacher", "mistral")
+    teacher = n2n.load_model(src)
+    assert teacher.hf is not None and teacher.arch.inputs["input_ids"].shape == (8,)
+    student, report = deepen_blocks(teacher, every_kth_block(teacher, 2), "copy")
+    assert report.renames == {}  # after the last block: nothing renumbered
+    done = n2n.commit(teacher, student, str(tmp_path / "student"))
+    assert done.verification.passed and config_of(tmp_path / "student")["num_hidden_layers"] == 3
+    assert_same_function(src, str(tmp_path / "student"))

@@ -129,7 +129,7 @@ def _one_value(model, what: str, per_layer: dict, hint: str) -> int:
     common = max(values, key=lambda v: sum(1 for x in per_layer.values() if x == v))
     odd = [f"{name} ({v})" for name, v in per_layer.items() if v != common]
     raise N2NError(
-        f"config.json has one {what} for all layers, but {', '.join(odd)} differ from the others ({common}); "
+        f"config.json has one {what} for all layers, but {', '.join(odd)} {'differs' if len(odd) == 1 else 'differ'} from the others ({common}); "
         f"grow every layer alike ({hint}), or write an n2n checkpoint with --format n2n"
     )
 

@@ -70,12 +70,12 @@ def grow_cmd(
     for step in plan.steps:  # refused before the plan is shown: one line, exit 2
         if not step.available:
             raise N2NError(step.why)
+    fmt = getattr(output_format, "value", None)
+    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite,
+                      max_shard_size=max_shard_size, output_format=fmt)  # on a dry run too: -o is checked if given
     if dry_run:
         _report_plan(plan, json_out)
         return
-    fmt = getattr(output_format, "value", None)
-    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite,
-                      max_shard_size=max_shard_size, output_format=fmt)
     if not json_out:
         _print_plan(plan)
     check = dict(probes=probes, device=device.value, atol=atol, rtol=rtol, outputs_only=outputs_only)
