@@ -227,10 +227,17 @@ def test_rewriting_the_same_output_folder_replaces_it(tmp_path, runner):
 
 def test_output_folder_of_other_things_and_the_input_folder_are_refused(tmp_path, runner):
     src = save_hf(tmp_path / "teacher", "llama-gqa-tied")
-    busy = tmp_path / "busy"
-    (busy / "sub").mkdir(parents=True)
     args = ["widen", src, "--layer", "model.layers.*.mlp.up_proj", "--width", "32"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert_one_line_error(runner.invoke(app, args + ["-o", str(busy)]), "not a model folder")
+    (busy / "config.json").write_text("{}")  # a model folder, but with the user's notes in it
+    assert_one_line_error(runner.invoke(app, args + ["-o", str(busy)]), "'notes.txt'")
+    (busy / "notes.txt").unlink()
+    (busy / "sub").mkdir()
     assert_one_line_error(runner.invoke(app, args + ["-o", str(busy)]), "'sub'")
+    assert sorted(os.listdir(busy)) == ["config.json", "sub"]
     before = {n: (tmp_path / "teacher" / n).read_bytes() for n in os.listdir(src)}
     assert_one_line_error(runner.invoke(app, args + ["-o", src]), "--overwrite-input")
     assert {n: (tmp_path / "teacher" / n).read_bytes() for n in os.listdir(src)} == before

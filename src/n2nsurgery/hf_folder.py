@@ -261,8 +261,9 @@ def writes_folder(model, out: Optional[str], output_format: Optional[str]) -> bo
 
 
 def check_output_folder(out: str, inputs: list, overwrite_input: bool, folder: str) -> None:
-    """Refuse, before any work, an output folder n2n must not write: a file, a link, a folder of
-    other files, the input folder (unless `overwrite_input`), or one whose parent is missing."""
+    """Refuse, before any work, an output folder n2n must not write: a file, a link, the input
+    folder (unless `overwrite_input`), a missing parent, or an existing folder that is not a
+    model folder this write would replace (see :func:`_replaceable_in`)."""
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise N2NError(f"{out}: the output folder {parent} does not exist; create it first (mkdir -p {parent})")
@@ -277,10 +278,14 @@ def check_output_folder(out: str, inputs: list, overwrite_input: bool, folder: s
             raise N2NError(f"{out}: is the input folder, and writing there would replace it; give another -o, "
                            "or pass --overwrite-input to replace it (atomically, once the new folder is complete)")
         return
-    for name in sorted(os.listdir(out)):
-        if not _replaceable(os.path.join(out, name)):
+    names = sorted(os.listdir(out))
+    if names and CONFIG_NAME not in names:
+        raise N2NError(f"{out}: the folder exists and is not a model folder (no {CONFIG_NAME}); give a new folder name")
+    ours = _replaceable_in(folder)
+    for name in names:
+        if not ours(os.path.join(out, name)):
             raise N2NError(f"{out}: the folder exists and holds {name!r}, which is not a file of a Hugging Face model "
-                           "folder n2n wrote; give a new folder name")
+                           "folder n2n writes; give a new folder name")
 
 
 def _same(a: str, b: str) -> bool:
@@ -290,12 +295,28 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def _replaceable(path: str) -> bool:
-    """A regular file at the top of an old output folder (not a link, a folder, a device)."""
+def _regular(path: str) -> bool:
+    """A regular file (not a link, a folder, a device)."""
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def _replaceable_in(folder: str):
+    """Which files of an old output folder a write from input `folder` may delete: regular files
+    named as the write names its own (config, tensors, index, shards) or as the files it copies
+    from the input folder. Anything else there is the user's, and the folder is refused."""
+    from .shards import INDEX_NAME, SINGLE_NAME, _SHARD_NAME
+
+    copied = {n for n in os.listdir(folder) if _regular(os.path.join(folder, n))} if os.path.isdir(folder) else set()
+
+    def ours(path: str) -> bool:
+        name = os.path.basename(path)
+        known = name in (CONFIG_NAME, SINGLE_NAME, INDEX_NAME) or _SHARD_NAME.match(name) or name in copied
+        return bool(known) and _regular(path)
+
+    return ours
 
 
 def write_hf_folder(model, dest: str, max_shard_size=None) -> dict:
@@ -347,7 +368,7 @@ def write_hf_folder(model, dest: str, max_shard_size=None) -> dict:
         _write_file(os.path.join(tmp, CONFIG_NAME), lambda fd: _write_all(fd, text), True, file_mode)
         _copy_extras(origin, tmp)
         os.chmod(tmp, file_mode | (file_mode & 0o444) >> 2)
-        _move_into_place(tmp, dest, ours=_replaceable)
+        _move_into_place(tmp, dest, ours=_replaceable_in(origin.folder))
     except BaseException as e:
         temp.remove()
         if isinstance(e, OSError):
@@ -368,7 +389,7 @@ def _copy_extras(origin: HFOrigin, tmp: str) -> None:
     skip = set(origin.tensor_files) | {CONFIG_NAME}
     for name in sorted(os.listdir(origin.folder)):
         src = os.path.join(origin.folder, name)
-        if name in skip or name.endswith(".safetensors") or not _replaceable(src):
+        if name in skip or name.endswith(".safetensors") or not _regular(src):
             continue
         shutil.copyfile(src, os.path.join(tmp, name))
 
