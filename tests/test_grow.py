@@ -145,3 +145,16 @@ def test_the_shipped_tiny_folder_grows_as_the_docs_say(tmp_path, runner):
     assert r.exit_code == 0, r.stderr
     assert_same_function(src, str(out))
     assert (config_of(out)["intermediate_size"], config_of(out)["num_hidden_layers"]) == (96, 4)
+
+
+def test_apply_a_recipe_to_a_folder_writes_a_folder(tmp_path, runner):
+    from conftest import RECIPES
+
+    src = str(RECIPES / "llama-tiny-hf")
+    out = tmp_path / "grown"
+    r = runner.invoke(app, ["apply", src, str(RECIPES / "llama-tiny-grow.yaml"), "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert (config_of(out)["intermediate_size"], config_of(out)["num_hidden_layers"]) == (128, 4)
+    assert_same_function(src, str(out))
+    r = runner.invoke(app, ["verify", src, str(out)])  # follows the recipe's renumbering
+    assert r.exit_code == 0, r.stderr
