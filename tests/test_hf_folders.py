@@ -337,3 +337,11 @@ def test_python_api_reads_and_writes_folders(tmp_path):
     done = n2n.commit(teacher, student, str(tmp_path / "student"))
     assert done.verification.passed and config_of(tmp_path / "student")["num_hidden_layers"] == 3
     assert_same_function(src, str(tmp_path / "student"))
+
+
+def test_seq_len_is_refused_for_an_n2n_checkpoint(runner):
+    from conftest import RECIPES
+
+    r = runner.invoke(app, ["deepen", str(RECIPES / "llama-tiny.safetensors"), "--after", "model.layers.0", "--block", "copy",
+                            "--seq-len", "4", "--dry-run"])
+    assert_one_line_error(r, "--seq-len applies to a Hugging Face model folder")

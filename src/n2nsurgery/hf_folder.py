@@ -75,7 +75,7 @@ def load_hf_model(folder: str, arch: Optional[str] = None, seq_len: Optional[int
     (or read from `arch`, which wins), its history from the tensors' n2n metadata if any."""
     from .arch import load_architecture
     from .hf_arch import arch_from_config
-    from .model import Model, TensorStore, read_history
+    from .model import META_ARCH, META_FORMAT, META_HISTORY, Model, TensorStore, read_history
     from .storage import open_any
 
     cfg = read_config(folder)
@@ -84,8 +84,6 @@ def load_hf_model(folder: str, arch: Optional[str] = None, seq_len: Optional[int
     ckpt = open_any(folder)
     origin = _origin(folder, cfg, ckpt, seq_len)
     history = read_history(ckpt)
-    from .model import META_ARCH, META_FORMAT, META_HISTORY
-
     extra = {k: v for k, v in ckpt.metadata.items() if k not in (META_ARCH, META_HISTORY, META_FORMAT)}
     model = Model(architecture, TensorStore(ckpt), history, extra, ckpt.source, hf=origin)
     return model.check()

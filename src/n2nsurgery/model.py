@@ -302,6 +302,9 @@ def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optio
 
     if is_hf_folder(checkpoint):
         return load_hf_model(checkpoint, arch, seq_len)
+    if seq_len is not None:
+        raise N2NError(f"{checkpoint}: --seq-len applies to a Hugging Face model folder (config.json beside the tensors); "
+                       "an n2n checkpoint's input shape is in its architecture")
     ckpt = open_any(checkpoint)
     source = ckpt.source
     if arch is not None:
