@@ -100,7 +100,7 @@ class DeviceChoice(str, Enum):
 
 # ------------------------------------------------------------------------------- option types
 
-CheckpointArg = Annotated[str, typer.Argument(help="Safetensors checkpoint, or a sharded one (its folder or index .json); '-' reads standard input.", show_default=False, metavar="CKPT")]
+CheckpointArg = Annotated[str, typer.Argument(help="Safetensors checkpoint, a sharded one (its folder or index .json), or a Hugging Face model folder (config.json beside the tensors); '-' reads standard input.", show_default=False, metavar="CKPT")]
 ArchOpt = Annotated[
     Optional[str],
     typer.Option("--arch", help="Architecture YAML. Optional once the checkpoint has been through n2n (it carries its own); given both, this wins.", rich_help_panel="Model"),
