@@ -339,3 +339,98 @@ def _insert(arch: Architecture, block: Block, nodes: list, renames: dict, key_re
     at = [n.name for n in new.nodes].index(block.name) + 1
     new.nodes[at:at] = nodes
     return new, rewired, outputs
+
+
+# ---------------------------------------------------------------------------- several blocks
+
+
+@dataclass
+class BlocksReport:
+    """What :func:`deepen_blocks` did: one :class:`BlockReport` per new block, and the renames
+    from the teacher's names to the student's (for verification)."""
+
+    block: str
+    after: list  # the teacher's blocks a new block follows, in graph order
+    steps: list = field(default_factory=list)  # BlockReport per insertion, in the order done
+    renames: dict = field(default_factory=dict)  # teacher node name -> student node name
+    arch: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "command": "deepen",
+            "op": "blocks",
+            "block": self.block,
+            "after": list(self.after),
+            "new_blocks": len(self.steps),
+            "steps": [s.to_dict() for s in self.steps],
+            "renames": dict(self.renames),
+            "arch": dict(self.arch),
+        }
+
+
+def every_kth_block(model, every: int) -> list:
+    """The blocks after which ``--every K`` inserts: the K-th, 2K-th, ... (LLaMA-Pro's pattern).
+
+    Raises:
+        N2NError: K is not a positive integer, or is more than the model's blocks.
+    """
+    names = block_names(model)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise N2NError(f"--every must be a positive integer, got {every!r}")
+    if not names:
+        raise N2NError("--every: this model has no pre-norm residual blocks (use --op instead of --block)")
+    if every > len(names):
+        raise N2NError(f"--every {every}: the model has only {len(names)} blocks; give --every {len(names)} or less")
+    return names[every - 1 :: every]
+
+
+def deepen_blocks(model, after: list, mode: str = "copy", *, seed: int = 0):
+    """Insert a new block (as :func:`deepen_block`) after each block in `after` (teacher
+    names; a name given twice gets two new blocks after it).
+
+    Insertions run from the last block to the first, so each name in `after` still means the
+    teacher's block when its turn comes.
+
+    Returns:
+        ``(student, BlocksReport)``; ``report.renames`` maps teacher node names to the student's.
+    """
+    if not after:
+        raise N2NError("no block to insert after")
+    order = {name: i for i, name in enumerate(block_names(model))}
+    for name in after:
+        if name not in order:
+            find_block(model, name)  # raises with the reason and the blocks there are
+    student, steps = model, []
+    where = {t: t for t in model.arch.node_names()}  # teacher name -> its name now
+    for name in sorted(after, key=lambda n: order[n], reverse=True):
+        student, report = deepen_block(student, name, mode, seed=seed)
+        steps.append(report)
+        where = {t: report.renames.get(now, now) for t, now in where.items()}
+    renames = {t: now for t, now in where.items() if t != now}
+    out = BlocksReport(block=mode, after=sorted(after, key=lambda n: order[n]), steps=steps, renames=renames,
+                       arch={"nodes_before": len(model.arch.nodes), "nodes_after": len(student.arch.nodes),
+                             "parameters_before": model.parameter_count(), "parameters_after": student.parameter_count()})
+    return student, out
+
+
+def history_renames(a, b) -> dict:
+    """A's node names -> B's, for a B made from A by block deepenings (read from B's history).
+
+    Only when A's history is where B's begins (B was grown from A, or from a model A was grown
+    from alike): the block deepenings after it renumbered later blocks, each as
+    :func:`deepen_block` did. Otherwise {} (compare by name, as for any two models).
+    """
+    ha, hb = list(a.history), list(b.history)
+    if len(hb) <= len(ha) or hb[: len(ha)] != ha:
+        return {}
+    where = {n: n for n in a.arch.node_names()}
+    for step in hb[len(ha):]:
+        args = step.get("args") if isinstance(step, dict) else None
+        if not (isinstance(args, dict) and step.get("op") == "deepen" and args.get("block") and isinstance(args.get("after"), str)):
+            continue
+        m = _BLOCK_NAME.match(args["after"])
+        if m is None:
+            return {}
+        block = Block(args["after"], m.group(1), int(m.group(2)), "", [], [])
+        where = {t: _later_blocks([now], block).get(now, now) for t, now in where.items()}
+    return {t: now for t, now in where.items() if t != now}

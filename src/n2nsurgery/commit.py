@@ -47,7 +47,8 @@ class CommitResult:
 
 
 def preflight(teacher, out: Optional[str] = None, *, overwrite_input: bool = False, allow_nonfinite: bool = False,
-              max_shard_size: Optional[int] = None, extra_inputs: Iterable[str] = ()) -> None:
+              max_shard_size: Optional[int] = None, extra_inputs: Iterable[str] = (),
+              output_format: Optional[str] = None) -> None:
     """Steps 1 and 2 of the chain: refuse a bad output path and a non-finite teacher, before any work.
 
     Args:
@@ -57,13 +58,18 @@ def preflight(teacher, out: Optional[str] = None, *, overwrite_input: bool = Fal
         allow_nonfinite: go ahead although the teacher's parameters hold NaN or Inf.
         max_shard_size: set when `out` is a sharded checkpoint folder.
         extra_inputs: other files the run read (a recipe), which `out` must not name either.
+        output_format: ``"n2n"``, ``"hf"`` or None (a Hugging Face folder when the teacher was
+            read from one; see :func:`~n2nsurgery.hf_folder.writes_folder`).
 
     Raises:
         N2NError: the output names an input or its folder is missing; the teacher is not finite.
     """
     from .guards import check_finite, check_output, input_paths
+    from .hf_folder import check_output_folder, writes_folder
 
-    if out is not None:
+    if writes_folder(teacher, out, output_format):
+        check_output_folder(out, input_paths(teacher) + list(extra_inputs), overwrite_input, teacher.hf.folder)
+    elif out is not None:
         check_output(out, input_paths(teacher) + list(extra_inputs), overwrite_input, folder=max_shard_size is not None)
     check_finite(teacher, allow_nonfinite)
 
@@ -73,7 +79,7 @@ def commit(teacher, student, out: Optional[str] = None, *, verify: bool = True, 
            outputs_only: bool = False, noise_free=None, result: Optional[VerifyResult] = None,
            what: str = "the surgery", dry_run: bool = False, max_shard_size: Optional[int] = None,
            overwrite_input: bool = False, allow_nonfinite: bool = False, extra_inputs: Iterable[str] = (),
-           renames: Optional[dict] = None) -> CommitResult:
+           renames: Optional[dict] = None, output_format: Optional[str] = None) -> CommitResult:
     """Check `student` against `teacher` and write it to `out`: the whole safety chain in one call.
 
     Args:
@@ -97,6 +103,8 @@ def commit(teacher, student, out: Optional[str] = None, *, verify: bool = True, 
         extra_inputs: other files the run read, which `out` must not name.
         renames: teacher node name -> student node name for nodes the surgery renamed (a block
             deepening's renumbered blocks), so verification compares each with its original.
+        output_format: ``"n2n"`` writes an n2n checkpoint even for a Hugging Face folder input;
+            ``"hf"`` insists on a folder; None: a folder when the teacher was read from one.
 
     Returns:
         A :class:`CommitResult`: the verification (with ``intermediates``, the worst value inside),
@@ -121,7 +129,8 @@ def commit(teacher, student, out: Optional[str] = None, *, verify: bool = True, 
     from .surgery import check_noisy_widening, check_student
 
     preflight(teacher, out, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite,
-              max_shard_size=max_shard_size, extra_inputs=extra_inputs)
+              max_shard_size=max_shard_size, extra_inputs=extra_inputs, output_format=output_format)
+    _check_folder_student(teacher, student, out, output_format)
     deviation = None
     if result is None and verify:
         settings = dict(probes=probes, seed=seed, device=device, atol=atol, rtol=rtol, what=what, intermediates=not outputs_only)
@@ -131,5 +140,14 @@ def commit(teacher, student, out: Optional[str] = None, *, verify: bool = True, 
             result = check_student(teacher, student, renames=renames, **settings)
     written = out is not None and not dry_run
     if written:
-        save_model(student, out, max_shard_size=max_shard_size)
+        save_model(student, out, max_shard_size=max_shard_size, output_format=output_format)
     return CommitResult(result, deviation, out, written, dry_run)
+
+
+def _check_folder_student(teacher, student, out, output_format) -> None:
+    """A Hugging Face folder is written only for a student its config.json describes: refused
+    before the verification, not after it."""
+    from .hf_folder import check_describes, student_config, writes_folder
+
+    if writes_folder(teacher, out, output_format) and getattr(student, "hf", None) is not None:
+        check_describes(student, student_config(student))

@@ -71,7 +71,16 @@ def describe(model) -> dict:
             "tensors": len(keys),
         },
         "history": list(model.history),
+        **_hf_summary(model),
     }
+
+
+def _hf_summary(model) -> dict:
+    """{"hf": config-level facts} for a model read from a Hugging Face folder, else {}."""
+    from .hf_folder import summary
+
+    facts = summary(model)
+    return {"hf": facts} if facts is not None else {}
 
 
 def _widen_info(model, node, groups: dict) -> dict:

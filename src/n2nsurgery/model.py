@@ -115,6 +115,7 @@ class Model:
     metadata: dict = field(default_factory=dict)  # other metadata keys, carried through unchanged
     source: str = "<model>"
     shapes: dict = field(default_factory=dict)  # value name -> one-sample shape, filled by check()
+    hf: Optional[object] = None  # read from a Hugging Face folder: its HFOrigin (written back as one)
 
     def check(self) -> "Model":
         """Validate parameters and shapes of every node; fills :attr:`shapes`. Returns self."""
@@ -143,6 +144,7 @@ class Model:
             history=self.history + ([step] if step else []),
             metadata=dict(self.metadata),
             source=self.source,
+            hf=self.hf,
         )
         if known_shapes is None:
             return m.check()
@@ -278,7 +280,8 @@ def _similar_keys(key: str, tensors: TensorStore) -> str:
 # ---------------------------------------------------------------------------------- loading
 
 
-def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optional[str] = None) -> Model:
+def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optional[str] = None,
+               seq_len: Optional[int] = None) -> Model:
     """Open `checkpoint` (a path, or ``-`` for stdin) with its architecture and check it.
 
     Args:
@@ -287,12 +290,21 @@ def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optio
             (it carries its architecture in the ``n2n.arch`` metadata); given both, this wins.
         fallback_arch: architecture file used only when `arch` is None and the checkpoint
             carries none (e.g. ``n2n verify`` comparing two plain state_dict checkpoints).
+        seq_len: for a Hugging Face folder (``config.json`` beside the tensors, whose
+            architecture is built from the config): the token positions probed.
 
     Example:
         >>> m = load_model("recipes/mlp.safetensors", "recipes/mlp.yaml")
         >>> m.shapes["fc2"]
         (32,)
     """
+    from .hf_folder import is_hf_folder, load_hf_model
+
+    if is_hf_folder(checkpoint):
+        return load_hf_model(checkpoint, arch, seq_len)
+    if seq_len is not None:
+        raise N2NError(f"{checkpoint}: --seq-len applies to a Hugging Face model folder (config.json beside the tensors); "
+                       "an n2n checkpoint's input shape is in its architecture")
     ckpt = open_any(checkpoint)
     source = ckpt.source
     if arch is not None:
@@ -303,16 +315,22 @@ def load_model(checkpoint: str, arch: Optional[str] = None, fallback_arch: Optio
         architecture = load_architecture(fallback_arch)
     else:
         raise N2NError(f"{source}: the checkpoint carries no architecture (n2n.arch metadata); pass --arch FILE{_arch_beside(checkpoint)}")
-    history = []
-    if META_HISTORY in ckpt.metadata:
-        try:
-            history = parse_json(ckpt.metadata[META_HISTORY])
-        except JSONRefused as e:
-            raise N2NError(f"{source}: metadata n2n.history is not valid JSON ({e})") from None
-        if not isinstance(history, list):
-            raise N2NError(f"{source}: metadata n2n.history must be a JSON list")
+    history = read_history(ckpt)
     extra = {k: v for k, v in ckpt.metadata.items() if k not in (META_ARCH, META_HISTORY, META_FORMAT)}
     return Model(architecture, TensorStore(ckpt), history, extra, source).check()
+
+
+def read_history(ckpt) -> list:
+    """The checkpoint's n2n.history metadata (a JSON list), or [] when it has none."""
+    if META_HISTORY not in ckpt.metadata:
+        return []
+    try:
+        history = parse_json(ckpt.metadata[META_HISTORY])
+    except JSONRefused as e:
+        raise N2NError(f"{ckpt.source}: metadata n2n.history is not valid JSON ({e})") from None
+    if not isinstance(history, list):
+        raise N2NError(f"{ckpt.source}: metadata n2n.history must be a JSON list")
+    return history
 
 
 def _arch_beside(checkpoint: str) -> str:
@@ -343,7 +361,7 @@ def checkpoint_metadata(model: Model) -> dict:
     return meta
 
 
-def save_model(model: Model, dest: str, max_shard_size: int | str | None = None) -> None:
+def save_model(model: Model, dest: str, max_shard_size: int | str | None = None, output_format: Optional[str] = None) -> None:
     """Write `model` as a safetensors checkpoint carrying its architecture and history.
 
     Written atomically and streamed (memory holds about one tensor, whatever the model's size);
@@ -355,12 +373,19 @@ def save_model(model: Model, dest: str, max_shard_size: int | str | None = None)
         max_shard_size: bytes (or a size such as ``"2GiB"``) per shard; when given, `dest` is a
             folder holding Hugging Face style shards and ``model.safetensors.index.json``
             (see :mod:`n2nsurgery.shards`).
+        output_format: ``"n2n"`` or ``"hf"``; default (None): a Hugging Face folder when the
+            model was read from one (:mod:`n2nsurgery.hf_folder`), else an n2n checkpoint.
 
     Example:
         >>> m = load_model("recipes/mlp.safetensors", "recipes/mlp.yaml")
         >>> save_model(m, "student.safetensors")
         >>> save_model(m, "student", max_shard_size="500MB")
     """
+    from .hf_folder import write_hf_folder, writes_folder
+
+    if writes_folder(model, dest, output_format):
+        write_hf_folder(model, dest, max_shard_size)
+        return
     mode = input_mode(model)
     if max_shard_size is not None:
         write_sharded(dest, model.tensors.sources(), checkpoint_metadata(model), max_shard_size, mode=mode)

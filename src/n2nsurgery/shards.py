@@ -502,10 +502,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _move_into_place(tmp: str, dest: str) -> None:
+def _move_into_place(tmp: str, dest: str, ours=None) -> None:
     """Rename the finished folder to `dest`; an old sharded checkpoint there is swapped out first.
 
     Interrupted at any point, `dest` holds the old checkpoint or the new one, never neither.
+    `ours(path)`: which files of the old folder to delete (default: a sharded checkpoint's).
     """
     if not os.path.isdir(dest):
         os.rename(tmp, dest)
@@ -521,17 +522,17 @@ def _move_into_place(tmp: str, dest: str) -> None:
         if old.path is not None and not os.path.lexists(dest) and os.path.isdir(old.path):
             os.rename(old.path, dest)  # put the old output back
         elif old.path is not None:
-            _remove_old(old.path)  # the empty placeholder, or the old output once the new is in place
+            _remove_old(old.path, ours)  # the empty placeholder, or the old output once the new is in place
         raise
-    _remove_old(old.path)
+    _remove_old(old.path, ours)
 
 
-def _remove_old(folder: str) -> None:
+def _remove_old(folder: str, ours=None) -> None:
     """Delete the replaced checkpoint: only n2n's own files, so anything that appeared in it
     since :func:`check_destination` looked stays (in the ``.old`` folder) rather than being lost."""
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if _is_ours(path):
+        if (ours or _is_ours)(path):
             os.unlink(path)
     try:
         os.rmdir(folder)

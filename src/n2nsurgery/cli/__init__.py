@@ -67,6 +67,7 @@ try:
     from . import inspect_cmd, verify_cmd, widen_cmd  # noqa: E402,F401  (each registers its command)
     from . import apply_cmd, diff_cmd  # noqa: E402,F401
     from . import deepen_cmd  # noqa: E402,F401
+    from . import grow_cmd  # noqa: E402,F401
 except KeyboardInterrupt:
     _interrupted()
 

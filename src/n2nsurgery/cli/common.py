@@ -100,7 +100,7 @@ class DeviceChoice(str, Enum):
 
 # ------------------------------------------------------------------------------- option types
 
-CheckpointArg = Annotated[str, typer.Argument(help="Safetensors checkpoint, or a sharded one (its folder or index .json); '-' reads standard input.", show_default=False, metavar="CKPT")]
+CheckpointArg = Annotated[str, typer.Argument(help="Safetensors checkpoint, a sharded one (its folder or index .json), or a Hugging Face model folder (config.json beside the tensors); '-' reads standard input.", show_default=False, metavar="CKPT")]
 ArchOpt = Annotated[
     Optional[str],
     typer.Option("--arch", help="Architecture YAML. Optional once the checkpoint has been through n2n (it carries its own); given both, this wins.", rich_help_panel="Model"),
@@ -139,6 +139,20 @@ MaxShardSizeOpt = Annotated[
         "(500MB, 2GiB, ...) plus model.safetensors.index.json.",
     ),
 ]
+
+
+class FormatChoice(str, Enum):
+    n2n = "n2n"
+    hf = "hf"
+
+
+FormatOpt = Annotated[
+    Optional[FormatChoice],
+    typer.Option("--format", help="hf: a Hugging Face folder (config.json, tensors, the input folder's other files); "
+                 "n2n: an n2n checkpoint. Default: hf when CKPT is a Hugging Face folder, else n2n.",
+                 rich_help_panel="Output", show_default=False),
+]
+SeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", min=1, help="Token positions probed in a Hugging Face model (default: the architecture's, 8).", rich_help_panel="Verification", show_default=False)]
 
 
 # Two checkpoints compared (verify, diff): each may carry its own architecture.
@@ -271,7 +285,7 @@ def finish_surgery(teacher, student, report: dict, *, output: Optional[str], ver
                    device: str, atol, rtol, json_out: bool, what: str, print_report=None, result=None,
                    max_shard_size: Optional[int] = None, overwrite_input: bool = False,
                    allow_nonfinite: bool = False, noise_free=None, dry_run: bool = False,
-                   outputs_only: bool = False, renames: Optional[dict] = None) -> None:
+                   outputs_only: bool = False, renames: Optional[dict] = None, output_format=None) -> None:
     """Run the safety chain (:func:`n2nsurgery.commit.commit`) on the student, then report.
 
     A student that fails verification is not written (exit 1). `report` is the surgery's own
@@ -286,7 +300,8 @@ def finish_surgery(teacher, student, report: dict, *, output: Optional[str], ver
     done = commit(teacher, student, output, verify=verify, probes=probes, seed=seed, device=device, atol=atol,
                   rtol=rtol, outputs_only=outputs_only, noise_free=noise_free, result=result, what=what,
                   dry_run=dry_run, max_shard_size=max_shard_size, overwrite_input=overwrite_input,
-                  allow_nonfinite=allow_nonfinite, renames=renames)
+                  allow_nonfinite=allow_nonfinite, renames=renames,
+                  output_format=getattr(output_format, "value", output_format))
     if done.noise_deviation is not None:
         report["noise_deviation"] = done.noise_deviation
     result = done.verification

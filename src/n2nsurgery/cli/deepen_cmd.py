@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from . import app
+from ..errors import N2NError
 from .common import check_new_name, escape  # escape: rich's, and control characters in names made visible
 from .common import (
     AllowNonfiniteOpt,
@@ -34,6 +35,7 @@ from .common import (
     console,
     finish_surgery,
 )
+from .common import FormatOpt, SeqLenOpt
 
 
 class OpChoice(str, Enum):
@@ -56,7 +58,7 @@ _BLOCK = "New block (transformers)"
 @command
 def deepen_cmd(
     checkpoint: CheckpointArg,
-    after: Annotated[str, typer.Option("--after", help="Node (or float model input) the new layer follows; its consumers read the new layer instead.", rich_help_panel=_LAYER, show_default=False)],
+    after: Annotated[Optional[str], typer.Option("--after", help="Node (or float model input) the new layer follows; its consumers read the new layer instead. Required unless --every.", rich_help_panel=_LAYER, show_default=False)] = None,
     output: OutputOpt = None,
     arch: ArchOpt = None,
     op: Annotated[OpChoice, typer.Option("--op", help="auto: linear for 1-D features and [T, d] token sequences (features last), conv for [C, *spatial]; linear/conv: identity layer; residual: x + W2·φ(W1·x) with W2 = 0 (exact after any value).", rich_help_panel=_LAYER)] = OpChoice.auto,
@@ -66,6 +68,7 @@ def deepen_cmd(
     hidden: Annotated[Optional[int], typer.Option("--hidden", help="Width of a residual branch (default: the width of --after).", rich_help_panel=_LAYER, show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the new node (default: <after>_deep, or _deep2, ... when taken).", rich_help_panel=_LAYER, show_default=False)] = None,
     block: Annotated[Optional[BlockChoice], typer.Option("--block", help="Insert a whole pre-norm residual block after block --after (model.layers.3, transformer.h.3) with zero writers: copy (of that block, LLaMA-Pro) or zero (identity norms, fresh readers). Later blocks are renumbered.", rich_help_panel=_BLOCK, show_default=False)] = None,
+    every: Annotated[Optional[int], typer.Option("--every", min=1, help="With --block: a new block after every K-th block (LLaMA-Pro's expansion), instead of --after.", rich_help_panel=_BLOCK, show_default=False, metavar="K")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = DeviceChoice.auto,
     verify: VerifyOpt = True,
@@ -78,6 +81,8 @@ def deepen_cmd(
     allow_nonfinite: AllowNonfiniteOpt = False,
     dry_run: DryRunOpt = False,
     outputs_only: OutputsOnlyOpt = False,
+    output_format: FormatOpt = None,
+    seq_len: SeqLenOpt = None,
 ):
     """Net2DeeperNet: insert a new layer after --after, initialised so the function is unchanged.
 
@@ -89,20 +94,28 @@ def deepen_cmd(
     check_json_target(json_out, output)
     require_output(output, dry_run)
     check_new_name("--name", name)
-    teacher = load_model(checkpoint, arch)
-    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
-    student, report = deepen(
-        teacher,
-        after,
-        op=op.value,
-        activation=activation,
-        kernel_size=kernel_size,
-        batchnorm=batchnorm,
-        hidden=hidden,
-        name=name,
-        seed=seed,
-        block=block.value if block is not None else None,
-    )
+    _check_where(after, every, block)
+    teacher = load_model(checkpoint, arch, seq_len=seq_len)
+    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size,
+                      output_format=getattr(output_format, "value", None))
+    if every is not None:
+        from ..blocks import deepen_blocks, every_kth_block
+
+        student, report = deepen_blocks(teacher, every_kth_block(teacher, every), block.value, seed=seed)
+        after = f"every {every}th block"
+    else:
+        student, report = deepen(
+            teacher,
+            after,
+            op=op.value,
+            activation=activation,
+            kernel_size=kernel_size,
+            batchnorm=batchnorm,
+            hidden=hidden,
+            name=name,
+            seed=seed,
+            block=block.value if block is not None else None,
+        )
     finish_surgery(
         teacher,
         student,
@@ -116,13 +129,33 @@ def deepen_cmd(
         rtol=rtol,
         json_out=json_out,
         what=f"deepening after {after!r}",
-        print_report=_print_block_report if block is not None else _print_report,
+        print_report=_print_blocks_report if every is not None else _print_block_report if block is not None else _print_report,
         renames=getattr(report, "renames", None),
         max_shard_size=max_shard_size,
         overwrite_input=overwrite_input,
         allow_nonfinite=allow_nonfinite,
         dry_run=dry_run,
         outputs_only=outputs_only,
+        output_format=output_format,
+    )
+
+
+def _check_where(after, every, block) -> None:
+    """Exactly one of --after and --every; --every inserts blocks, so it needs --block."""
+    if (after is None) == (every is None):
+        raise N2NError("give --after NODE (one new layer or block) or --every K (a new block after every K-th), not "
+                       + ("both" if after is not None else "neither"))
+    if every is not None and block is None:
+        raise N2NError("--every K inserts whole blocks: add --block copy (LLaMA-Pro) or --block zero")
+
+
+def _print_blocks_report(report: dict) -> None:
+    console.print(f"{report['new_blocks']} new blocks (--block {report['block']}) after {escape(', '.join(report['after']))}")
+    for step in report["steps"]:
+        console.print(f"  {escape(step['new_block'])}: after {escape(step['after'])} (then), zeroed writers {escape(', '.join(step['writers']))}")
+    a = report["arch"]
+    console.print(
+        f"nodes {a['nodes_before']} → {a['nodes_after']}, parameters {a['parameters_before']:,} → {a['parameters_after']:,}"
     )
 
 

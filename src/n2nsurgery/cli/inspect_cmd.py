@@ -30,6 +30,8 @@ def inspect_cmd(checkpoint: CheckpointArg, arch: ArchOpt = None, json_out: JsonO
     if json_out:
         emit_json(info)
         return
+    if "hf" in info:
+        _print_hf_summary(info["hf"])
     title = f"{escape(info['name'] or '')} ({escape(info['source'])})".strip()
     rows = []
     for spec_name, spec in info["inputs"].items():
@@ -51,6 +53,15 @@ def inspect_cmd(checkpoint: CheckpointArg, arch: ArchOpt = None, json_out: JsonO
     console.print(f"{t['nodes']} nodes, {t['parameters']:,} parameters in {t['tensors']} tensors; outputs: {escape(', '.join(info['outputs']))}")
     if info["history"]:
         _print_history(info["history"])
+
+
+def _print_hf_summary(hf: dict) -> None:
+    """The config-level view of a Hugging Face folder, before the node table."""
+    sizes = ", ".join(f"{k} {v}" for k, v in hf["sizes"].items() if v is not None)
+    classes = ", ".join(hf["architectures"] or []) or "?"
+    console.print(f"[bold]{escape(hf['family'])}[/] ({escape(classes)}): {escape(sizes)}")
+    console.print(f"{hf['parameters']:,} parameters, {escape(', '.join(hf['dtypes']))}, lm_head "
+                  f"{'tied to the embedding' if hf['tied'] else 'untied'}, {hf['layout']}")
 
 
 _COLUMNS = ("node", "op", "inputs", "output", "parameters", "count", "widen group", "deepen after")

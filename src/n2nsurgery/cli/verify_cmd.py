@@ -34,14 +34,15 @@ def verify_cmd(
 
     Every value inside the models whose node name and shape both share is compared too, by the same rule (--outputs-only: the outputs alone). NaN or Inf in an output never agrees.
     """
-    from ..guards import check_finite  # torch: only once a command runs
+    from ..blocks import history_renames  # torch: only once a command runs
+    from ..guards import check_finite
     from ..verify import verify
 
     model_a, model_b = load_pair(a, b, arch_a, arch_b, arch)
     check_finite(model_a, allow_nonfinite)  # NaN in both would "match" and pass
     check_finite(model_b, allow_nonfinite)
     result = verify(model_a, model_b, probes=probes, seed=seed, atol=atol, rtol=rtol, device=device.value,
-                    intermediates=not outputs_only)
+                    intermediates=not outputs_only, renames=history_renames(model_a, model_b))
     if json_out:
         emit_json(result.to_dict())
     else:

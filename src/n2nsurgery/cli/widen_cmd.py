@@ -16,6 +16,7 @@ AllowNonfiniteOpt, ArchOpt, AtolOpt, CheckpointArg, DeviceChoice, DeviceOpt, Jso
     OverwriteInputOpt, ProbesOpt, RtolOpt, SeedOpt, VerifyOpt, check_json_target, command, console, finish_surgery,
     DryRunOpt, OutputsOnlyOpt, preflight_surgery, require_output,
 )
+from .common import FormatOpt
 
 
 def _heads_split(split, head_dim):
@@ -128,6 +129,7 @@ def widen_cmd(
     allow_nonfinite: AllowNonfiniteOpt = False,
     dry_run: DryRunOpt = False,
     outputs_only: OutputsOnlyOpt = False,
+    output_format: FormatOpt = None,
 ):
     """Net2WiderNet: give LAYER WIDTH output units; every coupled tensor is remapped with one shared map."""
     from ..model import load_model  # torch: only once a command runs
@@ -137,7 +139,8 @@ def widen_cmd(
     check_json_target(json_out, output)
     require_output(output, dry_run)
     teacher = load_model(checkpoint, arch)
-    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size)
+    preflight_surgery(teacher, output, overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size,
+                      output_format=getattr(output_format, "value", None))
     several = len(layer) > 1 or is_glob(layer[0])
     split_word = split.value if split is not None else None  # None: the first exact mode for the group
     if grow_heads:
@@ -156,4 +159,4 @@ def widen_cmd(
                    print_report=print_widen_many if several else print_widen_report, noise_free=report.noise_free,
                    max_shard_size=max_shard_size,
                    overwrite_input=overwrite_input, allow_nonfinite=allow_nonfinite, dry_run=dry_run,
-                   outputs_only=outputs_only)
+                   outputs_only=outputs_only, output_format=output_format)
