@@ -81,7 +81,7 @@ def test_more_new_blocks_than_old_ones_are_spread(tmp_path, runner):
     (["vocab_size=100"], ["cannot grow 'vocab_size'"]),
     (["num_hidden_layers=x"], ["num_hidden_layers must be a whole number"]),
     (["layers"], ["FIELD=VALUE"]),
-    (["num_key_value_heads=3"], ["num_attention_heads 4 is not a multiple of num_key_value_heads 3"]),
+    (["num_key_value_heads=3", "num_attention_heads=7"], ["num_attention_heads 7 is not a multiple of num_key_value_heads 3"]),
 ])
 def test_unreachable_targets_are_refused_naming_the_field(tmp_path, runner, sets, needles):
     src = save_hf(tmp_path / "teacher", "llama-gqa-untied")
@@ -92,13 +92,46 @@ def test_unreachable_targets_are_refused_naming_the_field(tmp_path, runner, sets
     assert not os.path.exists(tmp_path / "out")
 
 
-@pytest.mark.parametrize("field, value", [("hidden_size", 32), ("num_attention_heads", 8), ("num_key_value_heads", 4), ("head_dim", 8)])
-def test_fields_whose_surgery_is_not_in_this_build_are_refused_by_name(tmp_path, runner, field, value):
-    if grow.available("llama", field):
-        pytest.skip(f"{field} growth is available in this build")
+@pytest.mark.parametrize("field, value", [("hidden_size", 32), ("num_key_value_heads", 4), ("head_dim", 8)])
+def test_each_llama_size_grows_alone_into_the_target_class(tmp_path, runner, field, value):
+    """d_model (zero-padded through the RMSNorms), KV heads with their query groups, head_dim
+    with rotary: each one `--set`, loaded with from_pretrained, the teacher's logits."""
     src = save_hf(tmp_path / "teacher", "llama-gqa-untied")
+    out = tmp_path / "student"
+    r = runner.invoke(app, ["grow", src, "--set", f"{field}={value}", "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert config_of(out)[field] == value
+    assert_same_function(src, str(out))
+
+
+def test_kv_heads_bring_their_query_groups_and_fewer_heads_are_refused(tmp_path, runner):
+    src = save_hf(tmp_path / "teacher", "llama-gqa-untied")
+    cfg = config_of(src)
+    group = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    kv = 2 * cfg["num_key_value_heads"]
+    r = runner.invoke(app, ["grow", src, "--set", f"num_key_value_heads={kv}", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert [s["field"] for s in json.loads(r.stdout)["plan"]["steps"]] == ["num_key_value_heads"]
+    r = runner.invoke(app, ["grow", src, "--set", f"num_key_value_heads={kv}",
+                            "--set", f"num_attention_heads={kv * (group - 1)}", "--dry-run"])
+    assert_one_line_error(r, "num_attention_heads", "at least")
+
+
+@pytest.mark.parametrize("field, value", [("n_embd", 64), ("n_head", 8)])
+def test_gpt2_residual_stream_and_heads_are_refused_by_name(tmp_path, runner, field, value):
+    src = save_hf(tmp_path / "teacher", "gpt2")
     r = runner.invoke(app, ["grow", src, "--set", f"{field}={value}", "--dry-run"])
-    assert_one_line_error(r, f"growing {field}", "not available in this build")
+    assert_one_line_error(r, f"growing {field}", "n_head × head_dim")
+
+
+def test_gpt2_n_inner_grows(tmp_path, runner):
+    src = save_hf(tmp_path / "teacher", "gpt2")
+    out = tmp_path / "student"
+    width = 2 * (config_of(src).get("n_inner") or 4 * config_of(src)["n_embd"])
+    r = runner.invoke(app, ["grow", src, "--set", f"n_inner={width}", "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert config_of(out)["n_inner"] == width
+    assert_same_function(src, str(out))
 
 
 def test_a_target_config_changing_a_fixed_field_is_refused(tmp_path, runner):
@@ -118,8 +151,6 @@ def test_grow_needs_a_folder_and_a_target(tmp_path, runner):
     assert_one_line_error(runner.invoke(app, ["grow", src, "--dry-run"]), "--set", "--to")
 
 
-@pytest.mark.skipif(not all(grow.available("llama", f) for f in ("hidden_size", "num_attention_heads", "num_key_value_heads")),
-                    reason="d_model and attention growth are not in this build")
 def test_grow_everything_from_a_two_layer_llama(tmp_path, runner):
     src = save_hf(tmp_path / "teacher", "llama-gqa-untied")
     target = transformers.LlamaConfig.from_pretrained(src)

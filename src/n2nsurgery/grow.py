@@ -10,9 +10,11 @@ then new blocks)::
     {"field": "num_hidden_layers", "from": 2, "to": 4,
      "step": {"deepen": {"after": ["model.layers.0", "model.layers.1"], "block": "copy"}}}
 
-:func:`run_step` runs one step by looking its kind up in :data:`RUNNERS`. A step kind whose
-surgery this build does not have (d_model and attention growth) maps to a runner that refuses
-naming the config field; wiring one in is one entry in :func:`_runner`.
+:func:`run_step` runs one step through the runner :func:`_runner` picks for its kind: block
+deepening, a widening (d_model through the embedding, the MLPs by a glob) or a head growth in
+every attention node. Growing the KV heads brings their query groups along, so
+``num_attention_heads`` follows unless the target names it. A field n2n cannot grow exactly
+(GPT-2's n_embd and n_head: its fused c_attn ties them) is refused naming it.
 """
 
 from __future__ import annotations
@@ -121,12 +123,33 @@ def plan_growth(model, target: Mapping, block: str = "copy") -> GrowPlan:
         if value < current[name]:
             raise N2NError(f"{name} {value} is smaller than the model's {current[name]}; n2n only grows a model (Net2Net adds units, it never removes them)")
     final = {**current, **target}
+    if family != "gpt2" and "num_attention_heads" not in target and final["num_key_value_heads"] != current["num_key_value_heads"]:
+        # the query groups come along with their KV heads (the config then says so)
+        group = current["num_attention_heads"] // current["num_key_value_heads"]
+        final["num_attention_heads"] = final["num_key_value_heads"] * group
     _check_heads(family, final)
-    steps = []
+    steps, now = [], dict(current)
     for name in names:
-        if final[name] != current[name]:
-            steps.append(_step(model, family, name, current[name], final[name], block))
+        if name == "num_attention_heads" and final["num_key_value_heads"] != current["num_key_value_heads"]:
+            now[name] = _heads_after_kv_growth(current, final)
+        if final[name] != now[name]:
+            steps.append(_step(model, family, name, now[name], final[name], block))
+            now[name] = final[name]
     return GrowPlan(family, current, dict(target), steps)
+
+
+def _heads_after_kv_growth(current: dict, final: dict) -> int:
+    """Query heads once the KV heads have grown: each new KV head is copied with its whole group
+    of query heads, so the group size stays; fewer query heads than that cannot be reached."""
+    group = current["num_attention_heads"] // current["num_key_value_heads"]
+    after = final["num_key_value_heads"] * group
+    if final["num_attention_heads"] < after:
+        raise N2NError(
+            f"num_attention_heads {final['num_attention_heads']} cannot be reached: growing num_key_value_heads to "
+            f"{final['num_key_value_heads']} copies each KV head with its group of {group} query heads "
+            f"({after} query heads), and n2n never removes heads; ask for num_attention_heads of at least {after}"
+        )
+    return after
 
 
 def _check_heads(family: str, final: dict) -> None:
@@ -168,15 +191,12 @@ def _spread(model, count: int) -> list:
 
 
 def _unavailable(family: str, name: str) -> str:
-    """Why this build cannot grow `name` ('' when it can). The surgeries for d_model and
-    attention growth live on other branches; once merged, this is where they are switched on."""
-    if name in ("intermediate_size", "num_hidden_layers", "n_layer"):
-        return ""
-    if name == "n_inner":
-        return "growing n_inner needs widening GPT-2's Conv1D MLP (c_fc, linear_t), which is not available in this build"
-    if name in ("hidden_size", "n_embd"):
-        return f"growing {name} needs d_model growth (widen of the embedding), which is not available in this build"
-    return f"growing {name} needs attention growth (widen_attention), which is not available in this build"
+    """Why n2n cannot grow `name` of a `family` model ('' when it can)."""
+    if family == "gpt2" and name in ("n_embd", "n_head"):
+        return (f"growing {name} of a GPT-2 model is not available: its config ties n_embd to n_head × head_dim "
+                "(the fused c_attn splits the residual stream into its heads), and n2n does not yet grow the heads "
+                "of a fused c_attn; grow n_inner and n_layer, or write an n2n checkpoint with n2n widen --format n2n")
+    return ""
 
 
 def available(family: str, name: str) -> bool:
@@ -197,14 +217,38 @@ def _runner(kind: str, args: dict):
         return _run_deepen
     if kind == "widen" and set(args) == {"layer", "width"}:
         return _run_widen
+    if kind == "widen" and len(set(args) & set(_HEAD_OPTIONS)) == 1:
+        return _run_heads
     raise N2NError(f"a grow step {kind} {sorted(args)} is not available in this build")
+
+
+_HEAD_OPTIONS = ("heads", "kv_heads", "head_dim")
 
 
 def _run_widen(model, args: dict, seed: int):
     from .widen import widen_many
 
+    # split=None: each group's exact default (the residual stream through a norm: zero or average)
     student, report = widen_many(model, [args["layer"]], args["width"], seed=seed)
     return student, report.to_dict(), None
+
+
+def _run_heads(model, args: dict, seed: int):
+    """The same head growth in every attention node the step's glob names, one after another
+    (a config has one size for all layers)."""
+    from fnmatch import fnmatchcase
+
+    from .widen import group_seed, widen_attention
+
+    option = next(k for k in _HEAD_OPTIONS if k in args)
+    names = [n for n in model.arch.node_names() if fnmatchcase(n, args["layer"])]
+    if not names:
+        raise N2NError(f"no attention node matches {args['layer']!r}")
+    reports = []
+    for k, name in enumerate(names):
+        model, report = widen_attention(model, name, seed=group_seed(seed, k), **{option: args[option]})
+        reports.append(report.to_dict())
+    return model, {"layers": names, option: args[option], "groups": reports}, None
 
 
 def _run_deepen(model, args: dict, seed: int):
