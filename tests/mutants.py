@@ -90,10 +90,10 @@ def _deepen_refuses_everything():
 def _consumer_columns_unscaled():
     """A consumer's input columns are gathered with the unit map but NOT multiplied by the
     replica's share (1/count): the replicas' outputs are counted twice downstream.
-    Target: the "cols" remaps handed to ``n2nsurgery.widen._apply``."""
+    Target: the "cols" remaps handed to ``n2nsurgery.remap._apply``."""
     import torch
 
-    original = importlib.import_module("n2nsurgery.widen")._apply
+    original = importlib.import_module("n2nsurgery.remap")._apply
 
     def _apply(tensor, dims, noise, seed, key):
         unscaled = {}
@@ -103,15 +103,15 @@ def _consumer_columns_unscaled():
             unscaled[dim] = r
         return original(tensor, unscaled, noise, seed, key)
 
-    replace_everywhere("n2nsurgery.widen", "_apply", _apply)
+    replace_everywhere("n2nsurgery.remap", "_apply", _apply)
 
 
 @mutant("batchnorm-stats-last-replica-only")
 def _batchnorm_stats_last_replica_only():
     """A widened batchnorm's running statistics are copied from the source channel for the LAST
     new channel only; the other new channels keep zeroed memory (the bug of a public port,
-    docs/design.md#the-safety-chain). Target: ``n2nsurgery.widen._apply`` on running stats."""
-    original = importlib.import_module("n2nsurgery.widen")._apply
+    docs/design.md#the-safety-chain). Target: ``n2nsurgery.remap._apply`` on running stats."""
+    original = importlib.import_module("n2nsurgery.remap")._apply
 
     def _apply(tensor, dims, noise, seed, key):
         out = original(tensor, dims, noise, seed, key)
@@ -120,7 +120,7 @@ def _batchnorm_stats_last_replica_only():
             out[new[:-1]] = 0
         return out
 
-    replace_everywhere("n2nsurgery.widen", "_apply", _apply)
+    replace_everywhere("n2nsurgery.remap", "_apply", _apply)
 
 
 @mutant("identity-conv-off-centre")

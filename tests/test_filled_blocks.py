@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-import n2nsurgery.widen as W
+import n2nsurgery.remap as W
 from n2nsurgery.ops.units import UnitMap
 
 

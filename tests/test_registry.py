@@ -299,7 +299,7 @@ def test_op_rules_use_only_the_context_api():
 def test_a_remap_can_scale_old_units_and_set_new_ones():
     """More than gathers: old entries scaled (a norm's γ × √(n/q)), new entries a fixed value."""
     from n2nsurgery.ops.units import UnitMap
-    from n2nsurgery.widen import Remap, _apply
+    from n2nsurgery.remap import Remap, _apply
 
     m = UnitMap.draw(3, 5, "equal", torch.Generator().manual_seed(0), "zero")
     out = _apply(torch.tensor([1.0, 2.0, 3.0]), {0: Remap(m, "copy", "n", scale_old=0.5, new_value=7.0)}, 0.0, 0, "k")

@@ -462,10 +462,10 @@ def test_couplings_that_cannot_be_exact_are_refused(runner, tmp_path, case):
 
 def test_failed_verification_exits_1_and_writes_nothing(runner, tmp_path, monkeypatch):
     """If a remap were ever wrong, verification stops it: nothing is written."""
-    import n2nsurgery.widen as widen_mod
+    import n2nsurgery.remap as remap_mod
 
-    real = widen_mod._apply
-    monkeypatch.setattr(widen_mod, "_apply", lambda *args: real(*args) * 1.01)
+    real = remap_mod._apply
+    monkeypatch.setattr(remap_mod, "_apply", lambda *args: real(*args) * 1.01)
     ckpt, arch = write_teacher(tmp_path, examples.build("mlp"), examples.MLP_YAML)
     out = tmp_path / "s.safetensors"
     result = widen_cli(runner, ckpt, ["--layer", "fc1", "--width", "40"], out, arch, expect=1)
