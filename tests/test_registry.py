@@ -283,7 +283,7 @@ sys.exit(1 if failed else 0)
     assert r.returncode == 0, r.stderr
 
 
-CONTEXT_API = {"shape", "attrs", "map_of", "assign", "remap", "set_attr", "constrain", "defer", "refuse", "head_plan", "readers", "has_param", "scale"}
+CONTEXT_API = {"shape", "attrs", "map_of", "assign", "remap", "set_attr", "constrain", "defer", "refuse", "head_plan", "readers", "has_param", "param_shape", "scale"}
 
 
 def test_op_rules_use_only_the_context_api():

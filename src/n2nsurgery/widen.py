@@ -62,7 +62,7 @@ class WidenContext:
         layout), :meth:`set_attr` (an attribute changes with the width), :meth:`constrain` (what
         this member requires of the unit space), :meth:`defer` (run once the rest of the walk is
         done), :meth:`readers` (who reads a value), :meth:`has_param` (an optional parameter is
-        there), :meth:`scale` (a remapped parameter times a factor: an OpDef's ``rescale``) and
+        there), :meth:`param_shape` (its shape), :meth:`scale` (a remapped parameter times a factor: an OpDef's ``rescale``) and
         :meth:`refuse`. Nothing is changed until the walk is complete.
     """
 
@@ -113,6 +113,10 @@ class WidenContext:
     def has_param(self, node, role: str) -> bool:
         """Whether `node` has parameter `role` (an optional one may be absent)."""
         return node.param_key(role) in self.model.tensors
+
+    def param_shape(self, node, role: str) -> Optional[tuple]:
+        """The shape of `node`'s parameter `role` (None when an optional one is absent)."""
+        return self.model.param_shape(node, role)
 
     def map_of(self, value: str) -> Optional[tuple]:
         """``(axis, UnitMap)`` assigned to `value` so far, or None."""

@@ -7,6 +7,7 @@ in the tool needs to change: widen, deepen and inspect read what they need from 
 
 from . import activations, batchnorm, conv, linear, merge, pooling, shape_ops  # noqa: F401  (registers)
 from . import attention, chunk, embedding, linear_t, norms  # noqa: F401  (registers the transformer ops)
+from . import zoo  # noqa: F401  (registers the model-zoo ops: hardswish, softmax, groupnorm, ...)
 from .base import REGISTRY, Interval, OpDef, activation_names, get_op, insertable, register, unregister
 from .units import Event, UnitMap
 

@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from .base import ANY_FILL, COPY_LIKE, Attr, Interval, OpDef, REQUIRED, expect, fmt_shape, ints_attr, per_axis, register, same_range, widen_channels_passthrough
+from .base import ANY_FILL, AttrError, COPY_LIKE, Attr, Interval, OpDef, REQUIRED, expect, fmt_shape, ints_attr, per_axis, register, same_range, widen_channels_passthrough
 from .conv import conv_out_len
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -23,11 +23,23 @@ def _window_infer(nd):
         s = per_axis(a["stride"] if a["stride"] is not None else a["kernel_size"], nd, "stride")
         pad = per_axis(a["padding"], nd, "padding")
         expect(all(2 * pd <= kk for pd, kk in zip(pad, k)), "padding must be at most half the kernel size")
-        out = tuple(conv_out_len(n, kk, ss, pd, 1) for n, kk, ss, pd in zip(x[1:], k, s, pad))
+        ceil = a.get("ceil_mode", False)
+        out = tuple(_pool_out_len(n, kk, ss, pd, ceil) for n, kk, ss, pd in zip(x[1:], k, s, pad))
         expect(all(n > 0 for n in out), f"kernel {fmt_shape(k)} does not fit the input {fmt_shape(x)}")
         return (x[0],) + out
 
     return infer
+
+
+def _pool_out_len(n: int, k: int, s: int, pad: int, ceil: bool) -> int:
+    """PyTorch's pooled length; ceil_mode rounds up, but the last window must start inside the
+    input or the left padding (torch drops one that would start in the right padding)."""
+    if not ceil:
+        return conv_out_len(n, k, s, pad, 1)
+    out = -(-(n + 2 * pad - k) // s) + 1
+    if (out - 1) * s >= n + pad:
+        out -= 1
+    return out
 
 
 def _adaptive_infer(nd):
@@ -48,6 +60,12 @@ def _avg_window_range(ranges, a):
     return r
 
 
+def _bool_attr(v):
+    if not isinstance(v, bool):
+        raise AttrError(f"must be true or false, got {v!r}")
+    return v
+
+
 _WINDOW_ATTRS = {
     "kernel_size": Attr(ints_attr(1), REQUIRED),
     "stride": Attr(lambda v: None if v is None else ints_attr(1)(v), None),  # None: = kernel_size
@@ -58,9 +76,9 @@ for _nd in (1, 2, 3):
     register(
         OpDef(
             name=f"max_pool{_nd}d",
-            forward=(lambda fn: lambda xs, p, a: fn(xs[0], a["kernel_size"], a["stride"], a["padding"]))(_MAX[_nd]),
+            forward=(lambda fn: lambda xs, p, a: fn(xs[0], a["kernel_size"], a["stride"], a["padding"], ceil_mode=a["ceil_mode"]))(_MAX[_nd]),
             infer_shape=_window_infer(_nd),
-            attrs=_WINDOW_ATTRS,
+            attrs={**_WINDOW_ATTRS, "ceil_mode": Attr(_bool_attr, False)},
             value_range=same_range,
             widen=widen_channels_passthrough,
             fill_modes=COPY_LIKE | {"zero"},  # max of zeros is zero; max of means is not a mean
