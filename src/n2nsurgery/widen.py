@@ -131,11 +131,12 @@ class WidenContext:
         name = node if isinstance(node, str) else node.name
         raise N2NError(f"cannot widen {self.layer!r} exactly: at node {name!r}, {reason}")
 
-    def constrain(self, node, modes=None, block: int = 1, why: str = "") -> None:
-        """This member stays exact only under fill `modes` (None: any), and its units come in
-        blocks of `block` rows of the widened layer."""
+    def constrain(self, node, modes=None, block: int = 1, why: str = "", groups: int = 1) -> None:
+        """This member stays exact only under fill `modes` (None: any), its units come in
+        blocks of `block` rows of the widened layer, and in `groups` contiguous groups that
+        must all grow alike (a grouped convolution)."""
         name = node if isinstance(node, str) else node.name
-        self.constraints.append(Constraint(name, frozenset(modes) if modes is not None else None, block, why))
+        self.constraints.append(Constraint(name, frozenset(modes) if modes is not None else None, block, why, groups))
 
     def assign(self, value: str, axis: int, umap: UnitMap) -> None:
         """Value `value` has `umap` along `axis`. Idempotent; a different map is a conflict."""
@@ -445,7 +446,7 @@ def plan_group(model, layer: str, width: int, split: str = "equal", seed: int = 
     mode = _choose(space, layer, width, fill)
     gen = torch.Generator().manual_seed(seed)
     ctx = WidenContext(model, layer)
-    ctx.run(layer, axis, UnitMap.draw(n, width, split, gen, mode, space.block))
+    ctx.run(layer, axis, UnitMap.draw(n, width, split, gen, mode, space.block, space.groups))
     ctx.space, ctx.fill = space, mode
     _check_memory(model, layer, width, ctx.remaps)  # before any tensor of the group is built
     return ctx

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ANY_FILL, COPY_LIKE, Attr, Insert, OpDef, Units, Param, expect, fmt_shape, int_attr, int_or_choice_attr, ints_attr, per_axis, register
+from .units import UnitMap
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -51,7 +52,8 @@ def _make_infer(nd: int):
 
 
 def _widen(ctx, node, event):
-    """Channels (axis 0) are the units. Plain convs produce or consume them; a depthwise conv
+    """Channels (axis 0) are the units. Plain convs produce or consume them; a grouped conv does
+    too, growing every group alike (:func:`_widen_grouped`); a depthwise conv
     (groups = input channels) maps channel c only to its own outputs, so its output units follow
     its input units and `groups` grows with the width."""
     if event.axis != 0:
@@ -67,11 +69,8 @@ def _widen(ctx, node, event):
             ctx.remap(node, "weight", 1, event.map, "cols")
         return
     if groups != cin:
-        ctx.refuse(
-            node,
-            f"a grouped convolution (groups={groups}, {cin} input channels) would need every group to grow alike; "
-            "widen a layer that does not feed it, or make it depthwise (groups = channels)",
-        )
+        _widen_grouped(ctx, node, event, groups)
+        return
     mult = cout // cin  # depthwise with channel multiplier: output c*mult + t reads input c
     # Its kernels are per-channel state copied with the map: a zero or averaged channel would
     # not stay zero or the mean after its own kernel and bias.
@@ -87,6 +86,50 @@ def _widen(ctx, node, event):
     ctx.remap(node, "bias", 0, out_map, "copy")
     ctx.set_attr(node, "groups", event.map.size)
     ctx.assign(node.name, 0, out_map)
+
+
+def _is_stand_in(m) -> bool:
+    """The collecting walk's stand-in layout (new unit j copies j mod n): it only gathers the
+    group's constraints, so a grouped conv takes it without its group structure."""
+    return m.fill == "copy" and torch.equal(m.src, torch.arange(m.size) % m.old_size)
+
+
+def _group_map(ctx, node, m, groups: int, side: str):
+    """The map of one group of `m`: the units must grow every group alike, laid out group by group."""
+    inner = m.per_group(groups)
+    if inner is None and _is_stand_in(m):
+        inner = _stand_in_group(m, groups)
+    if inner is None:
+        ctx.refuse(
+            node,
+            f"a grouped convolution (groups={groups}) needs its {side} channels to grow every group alike, laid out "
+            f"group by group, and the layout reaching it ({m.old_size} -> {m.size} channels) does not; widen a layer "
+            "whose channels reach it directly (through batchnorm and activations only)",
+        )
+    return inner
+
+
+def _stand_in_group(m, groups: int):
+    """A stand-in group map of the right sizes (the collecting walk's memory estimate reads them)."""
+    b, per = m.old_size // groups, m.size // groups
+    src = torch.arange(per) % max(b, 1)
+    counts = torch.bincount(src, minlength=b).to(torch.float64)
+    return UnitMap(src, torch.reciprocal(counts[src]), torch.arange(per) >= b, b)
+
+
+def _widen_grouped(ctx, node, event, groups: int):
+    """A grouped convolution (1 < groups < channels): group k's outputs read only group k's
+    inputs. Widening keeps `groups` and grows every group alike: new channels copy channels of
+    their own group and stay laid out group by group (group k owns [k·N/g, (k+1)·N/g)), so an
+    output channel's weight row still reads the inputs of its own group. Output side: rows
+    copied with the map; input side: each row's in-group columns follow one group's map."""
+    ctx.constrain(node, groups=groups, why=f"a grouped convolution with {groups} groups grows every group alike")
+    if event.kind == "output":
+        _group_map(ctx, node, event.map, groups, "output")
+        ctx.remap(node, "weight", 0, event.map, "rows")
+        ctx.remap(node, "bias", 0, event.map, "rows")
+    else:
+        ctx.remap(node, "weight", 1, _group_map(ctx, node, event.map, groups, "input"), "cols")
 
 
 def _make_forward(nd: int):

@@ -65,12 +65,16 @@ class UnitMap:
         return UnitMap(torch.arange(n), torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool), n)
 
     @staticmethod
-    def draw(n: int, width: int, split: str, gen: torch.Generator, fill: str = "copy", block: int = 1) -> "UnitMap":
-        """ONE map for n → width units in mode `fill`, units in blocks of `block` rows.
+    def draw(n: int, width: int, split: str, gen: torch.Generator, fill: str = "copy", block: int = 1, groups: int = 1) -> "UnitMap":
+        """ONE map for n → width units in mode `fill`, units in blocks of `block` rows; with
+        `groups`, the units are that many contiguous groups that all grow alike (a grouped
+        convolution's): group k's new units copy units of group k and stay in group k's range.
 
         ``copy`` is the paper's random map g with the outgoing shares for `split` (``equal``:
         1/count; ``random``: random proportions summing to one); the other modes draw nothing.
         """
+        if groups != 1:  # every group grows alike: one map of a group's units, laid out per group
+            return UnitMap.draw(n // groups, width // groups, split, gen, fill, block).along((groups, n // groups), 1)
         if block != 1:
             return UnitMap.draw(n // block, width // block, split, gen, fill).blocks(block)
         if fill == "copy":
@@ -121,6 +125,19 @@ class UnitMap:
         share = self.share.reshape(view).expand(new_dims)
         new = self.new.reshape(view).expand(new_dims)
         return UnitMap(index.reshape(-1), share.reshape(-1).clone(), new.reshape(-1).clone(), math.prod(old_dims), self.fill)
+
+    def per_group(self, groups: int) -> Optional["UnitMap"]:
+        """The map of one group when this map grows `groups` contiguous groups alike (group k's
+        new units copy units of group k, in the same pattern for every group, laid out group by
+        group); None when it does not."""
+        n, width = self.old_size, self.size
+        if n % groups or width % groups:
+            return None
+        b, per = n // groups, width // groups
+        inner = UnitMap(self.src[:per], self.share[:per], self.new[:per], b, self.fill)
+        if bool(((inner.src < 0) | (inner.src >= b)).any()) or not self.same_as(inner.along((groups, b), 1)):
+            return None
+        return inner
 
     def blocks(self, block: int) -> "UnitMap":
         """A map of units to a map of their rows, when each unit is `block` consecutive rows
@@ -178,6 +195,7 @@ class Constraint:
     modes: Optional[frozenset] = None
     block: int = 1
     why: str = ""
+    groups: int = 1  # its units are this many contiguous groups that must all grow alike
 
 
 @dataclass
@@ -189,6 +207,7 @@ class UnitSpace:
     rows: int
     block: int = 1
     constraints: list = None
+    groups: int = 1  # contiguous groups of rows that grow alike (grouped convolutions)
 
     def __post_init__(self):
         if self.constraints is None:
@@ -201,6 +220,7 @@ class UnitSpace:
     def add(self, c: Constraint) -> None:
         self.constraints.append(c)
         self.block = math.lcm(self.block, c.block)
+        self.groups = math.lcm(self.groups, c.groups)
 
 
 class PlanError(Exception):
@@ -223,6 +243,10 @@ def choose_fill(space: UnitSpace, width: int, wanted: Optional[str] = None) -> s
     for c in space.constraints:
         if space.rows % c.block or width % c.block:
             raise PlanError(c.node, f"its units come in blocks of {c.block} rows, so the width must be a multiple of {c.block} (got {width})")
+    for c in space.constraints:
+        if space.rows % c.groups or width % c.groups:
+            why = c.why or f"its units are {c.groups} groups that must all grow alike"
+            raise PlanError(c.node, f"{why}, so the width must be a multiple of {c.groups} (got {width}, {space.rows} now)")
     candidates = [wanted] if wanted is not None else list(PREFERENCE)
     note = ""
     if width % space.rows and "tile" in candidates:  # tile copies every unit k times: width = k·n
