@@ -283,10 +283,46 @@ def test_mean_over_channels_refused():
     assert "mean over the widened axis" in _refusal(nodes, (3, 4, 4), params)
 
 
-def test_groupnorm_refused_with_reason():
-    nodes = "  - {name: conv1, op: conv2d, in: x}\n  - {name: g, op: groupnorm, in: conv1, num_groups: 2}\n  - {name: conv2, op: conv2d, in: g}\noutputs: [conv2]\n"
-    msg = _refusal(nodes, (3, 4, 4), _conv_params(extra={"g.weight": torch.ones(6), "g.bias": torch.zeros(6)}))
-    assert "groupnorm (num_groups=2)" in msg and "'g'" in msg
+class GroupNormBlock(nn.Module):
+    """conv -> groupnorm (3 groups) -> relu -> conv."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+        self.gn = nn.GroupNorm(3, c)
+        self.conv2 = nn.Conv2d(c, 5, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.gn(self.conv1(x))))
+
+
+_GN_NODES = (
+    "  - {name: conv1, op: conv2d, in: x, padding: 1}\n"
+    "  - {name: gn, op: groupnorm, in: conv1, num_groups: 3}\n"
+    "  - {name: act, op: relu, in: gn}\n"
+    "  - {name: conv2, op: conv2d, in: act}\noutputs: [conv2]\n"
+)
+
+
+@pytest.mark.parametrize("width,split", [(12, None), (18, "tile")])
+def test_groupnorm_widens_by_per_group_tile(width, split):
+    _widened_matches(lambda w: GroupNormBlock(w or 6), _GN_NODES, "conv1", width, torch.randn(4, 3, 5, 5), split=split)
+
+
+@pytest.mark.parametrize(
+    "width,split,needle",
+    [
+        (9, None, "multiple of 6"),  # a tile needs k whole copies of every group
+        (7, None, "multiple of 3"),  # not even every group alike
+        (12, "equal", "only the fill modes tile"),  # a random copy weighs channels unevenly
+    ],
+)
+def test_groupnorm_refusals_name_what_works(width, split, needle):
+    arch = "format: n2n-arch/1\nname: t\ninputs:\n  x: {shape: [3, 5, 5], dtype: float32}\nnodes:\n" + _GN_NODES
+    model = model_from_state_dict(arch, _randomise(GroupNormBlock()).state_dict())
+    with pytest.raises(N2NError, match=needle) as err:
+        widen(model, "conv1", width, split=split)
+    assert "'gn'" in str(err.value) or "tile" in str(err.value)
 
 
 SHUFFLE = (

@@ -94,15 +94,17 @@ def _is_stand_in(m) -> bool:
     return m.fill == "copy" and torch.equal(m.src, torch.arange(m.size) % m.old_size)
 
 
-def _group_map(ctx, node, m, groups: int, side: str):
-    """The map of one group of `m`: the units must grow every group alike, laid out group by group."""
+def group_map(ctx, node, m, groups: int, what: str):
+    """The map of one group of `m`, whose units must grow every group alike, laid out group by
+    group (`what` names the member and the side for the refusal: "a grouped convolution (groups=4)
+    needs its input channels")."""
     inner = m.per_group(groups)
     if inner is None and _is_stand_in(m):
         inner = _stand_in_group(m, groups)
     if inner is None:
         ctx.refuse(
             node,
-            f"a grouped convolution (groups={groups}) needs its {side} channels to grow every group alike, laid out "
+            f"{what} to grow every group alike, laid out "
             f"group by group, and the layout reaching it ({m.old_size} -> {m.size} channels) does not; widen a layer "
             "whose channels reach it directly (through batchnorm and activations only)",
         )
@@ -125,11 +127,12 @@ def _widen_grouped(ctx, node, event, groups: int):
     copied with the map; input side: each row's in-group columns follow one group's map."""
     ctx.constrain(node, groups=groups, why=f"a grouped convolution with {groups} groups grows every group alike")
     if event.kind == "output":
-        _group_map(ctx, node, event.map, groups, "output")
+        group_map(ctx, node, event.map, groups, f"a grouped convolution (groups={groups}) needs its output channels")
         ctx.remap(node, "weight", 0, event.map, "rows")
         ctx.remap(node, "bias", 0, event.map, "rows")
     else:
-        ctx.remap(node, "weight", 1, _group_map(ctx, node, event.map, groups, "input"), "cols")
+        inner = group_map(ctx, node, event.map, groups, f"a grouped convolution (groups={groups}) needs its input channels")
+        ctx.remap(node, "weight", 1, inner, "cols")
 
 
 def _make_forward(nd: int):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import _ZERO_KEEPING, _elementwise
+from .conv import group_map
 from .base import (
     ANY_FILL, COPY_LIKE, REQUIRED, Attr, AttrError, Interval, OpDef, Param, expect, float_attr, fmt_shape,
     int_attr, register, same_range, sample_dim, unknown_range, widen_passthrough,
@@ -125,18 +126,18 @@ def _groupnorm_infer(in_shapes, p, a):
 
 
 def _groupnorm_widen(ctx, node, event):
-    """Refused: each group's statistics read all of its channels, so an exact widening must grow
-    every group alike with copies of its own channels, laid out group by group. The unit maps
-    here (a random copy, a tile j mod n, zero or mean padding) put new channels at the end,
-    which moves channels into other groups."""
+    """Each group's mean and variance read all of its channels (and the spatial axes), so the
+    channels are widened only when every group grows alike by a uniform k-fold copy of its own
+    channels, laid out group by group: per group that is a tile, which keeps the statistics.
+    γ and β are copied with the channels; the new channels' outputs are copies of their sources."""
     g = ctx.attrs(node)["num_groups"]
     if event.axis != 0:
         ctx.refuse(node, f"groupnorm normalises over its spatial axes too, so axis {event.axis + 1} of the batched value cannot grow")
-    ctx.refuse(
-        node,
-        f"groupnorm (num_groups={g}) normalises each group of channels together, and new channels appended "
-        "to the channel axis would shift channels into other groups; widen a layer whose units do not reach it",
-    )
+    ctx.constrain(node, modes={"tile"}, groups=g, why=f"groupnorm (num_groups={g}) grows every group alike")
+    group_map(ctx, node, event.map, g, f"groupnorm (num_groups={g}) needs its channels")
+    ctx.remap(node, "weight", 0, event.map, "copy")
+    ctx.remap(node, "bias", 0, event.map, "copy")
+    widen_passthrough(ctx, node, event)
 
 
 GROUPNORM = register(
@@ -147,6 +148,8 @@ GROUPNORM = register(
         attrs={"num_groups": Attr(int_attr(1), REQUIRED), "eps": Attr(float_attr(0.0), 1e-5)},
         params={"weight": Param(optional=True), "bias": Param(optional=True)},
         widen=_groupnorm_widen,
+        fill_modes=frozenset({"tile"}),
+        fill_why="groupnorm reads each group's mean and variance: only a uniform k-fold copy of every group's channels keeps them",
         doc="GroupNorm over [channels, *spatial]: channels in num_groups groups.",
     )
 )
