@@ -130,3 +130,24 @@ def test_per_group_map_round_trip():
     assert m.same_as(inner.along((4, 2), 1))
     tile = UnitMap.draw(8, 16, "equal", gen, fill="tile")  # j mod 8: moves channels across groups
     assert tile.per_group(4) is None
+
+
+def test_groups_broken_by_a_concat_are_refused():
+    """Widening one side of a concat appends its new channels inside that segment only, which moves
+    the other segment's channels into other groups of the grouped conv after it."""
+    arch = """\
+format: n2n-arch/1
+inputs:
+  x: {shape: [3, 4, 4]}
+nodes:
+  - {name: a, op: conv2d, in: x}
+  - {name: b, op: conv2d, in: x}
+  - {name: cat, op: concat, in: [a, b], dim: 1}
+  - {name: g, op: conv2d, in: cat, groups: 4}
+  - {name: out, op: conv2d, in: g}
+outputs: [out]
+"""
+    shapes = {"a.weight": (4, 3, 1, 1), "b.weight": (4, 3, 1, 1), "g.weight": (8, 2, 1, 1), "out.weight": (2, 8, 1, 1)}
+    model = model_from_state_dict(arch, {k: torch.randn(s) for k, s in shapes.items()})
+    with pytest.raises(N2NError, match="'g'.*grow every group alike"):
+        widen(model, "a", 8)

@@ -340,9 +340,7 @@ def _reshape_widen(ctx, node, event):
     if event.kind == "input":
         a, b = event.axis, _untouched(x, y, event.axis)
     else:
-        b = event.axis
-        a = _untouched(y, x, event.axis)
-        a, b = (a, b)
+        a, b = _untouched(y, x, event.axis), event.axis
     if a is None or b is None:
         ctx.refuse(
             node,
