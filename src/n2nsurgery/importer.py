@@ -496,15 +496,21 @@ def from_module(module: nn.Module, example_input: torch.Tensor, *, input_name: s
             message names the module path or the call, and what is supported).
         VerificationFailed: the imported model does not compute what the module computes.
     """
-    from .model import model_from_state_dict
+    return import_checked(module, example_input, input_name=input_name, probes=probes, seed=seed, atol=atol,
+                          rtol=rtol)[0]
 
+
+def import_checked(module: nn.Module, example_input: torch.Tensor, *, input_name: str = "x", probes: int = 16,
+                   seed: int = 0, atol: Optional[float] = None, rtol: Optional[float] = None) -> tuple:
+    """:func:`from_module`, also returning the check's :class:`~n2nsurgery.verify.VerifyResult`."""
     from .arch import parse_architecture
+    from .model import model_from_state_dict
 
     text = architecture_of(module, example_input, input_name)
     tensors = {k: v.detach().clone() for k, v in module.state_dict().items()}
     model = model_from_state_dict(parse_architecture(text, source=f"<{type(module).__name__}>"), tensors)
-    check_against_module(module, model, probes=probes, seed=seed, atol=atol, rtol=rtol)
-    return model
+    result = check_against_module(module, model, probes=probes, seed=seed, atol=atol, rtol=rtol)
+    return model, result
 
 
 def module_outputs(module: nn.Module, inputs: torch.Tensor) -> list:
@@ -558,3 +564,54 @@ def check_against_module(module: nn.Module, model, **settings):
             f"the imported model differs from {type(module).__name__} on output '{worst.name}' "
             f"(max |Δ| {worst.max_abs:.3g}, allowed {worst.bound:.3g}); nothing was written", result)
     return result
+
+
+# ------------------------------------------------------------------------ MODULE:FACTORY specs
+
+
+def module_from_factory(spec: str) -> nn.Module:
+    """Import ``MODULE:FACTORY`` (the current folder on sys.path, as ``python -m`` has it) and
+    call FACTORY (a function or class) with no arguments; the :class:`torch.nn.Module` it returns."""
+    import importlib
+    import os
+    import sys
+
+    module_name, sep, factory_name = spec.partition(":")
+    if not sep or not module_name or not factory_name:
+        raise N2NError(f"'{spec}': give MODULE:FACTORY, e.g. mypkg.models:MyNet")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        pymod = importlib.import_module(module_name)
+    except ImportError as e:
+        raise N2NError(f"'{spec}': cannot import module '{module_name}' ({e}); run from the folder that holds it "
+                       "or install it") from None
+    except Exception as e:  # the user's module raised while importing
+        raise N2NError(f"'{spec}': importing '{module_name}' raised {type(e).__name__}: {' '.join(str(e).split())}") from None
+    factory = pymod
+    for part in factory_name.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            names = sorted(n for n in vars(pymod) if not n.startswith("_") and callable(getattr(pymod, n)))
+            raise N2NError(f"'{spec}': module '{module_name}' has no '{factory_name}'; it has {', '.join(names) or 'no callables'}")
+    if not callable(factory):
+        raise N2NError(f"'{spec}': '{factory_name}' is not callable; give a function or class that builds the module")
+    try:
+        built = factory()
+    except Exception as e:
+        raise N2NError(f"'{spec}': calling {factory_name}() raised {type(e).__name__}: {' '.join(str(e).split())} "
+                       "(FACTORY is called with no arguments)") from None
+    if not isinstance(built, nn.Module):
+        raise N2NError(f"'{spec}': {factory_name}() returned a {type(built).__name__}, not a torch.nn.Module")
+    return built
+
+
+def parse_input_shape(text: str) -> tuple:
+    """``3,32,32`` -> (3, 32, 32): one sample's shape, no batch axis."""
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise N2NError(f"--input-shape '{text}': give positive integers separated by commas, e.g. 3,32,32") from None
+    if not shape or any(s < 1 for s in shape):
+        raise N2NError(f"--input-shape '{text}': give positive integers separated by commas, e.g. 3,32,32")
+    return shape
