@@ -615,3 +615,14 @@ def parse_input_shape(text: str) -> tuple:
     if not shape or any(s < 1 for s in shape):
         raise N2NError(f"--input-shape '{text}': give positive integers separated by commas, e.g. 3,32,32")
     return shape
+
+
+def load_tensors_into(module: nn.Module, model, spec: str) -> None:
+    """Load `model`'s tensors into `module` (strict: the same keys and shapes), or refuse (exit 2)."""
+    tensors = {k: model.tensors.get(k) for k in model.tensors.keys()}
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        reason = " ".join(str(e).split())
+        raise N2NError(f"{model.source}: its tensors do not load into {spec} ({reason}); "
+                       "the factory must build the module at the checkpoint's widths") from None
