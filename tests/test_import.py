@@ -175,6 +175,25 @@ def test_the_module_is_left_in_its_training_mode():
     assert teacher.training
 
 
+def test_a_module_in_training_mode_is_traced_as_at_inference():
+    """A branch on self.training (stochastic depth, an auxiliary head) takes its inference path."""
+
+    class TrainOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.aux = nn.LSTM(4, 4)  # used in training only: never met at inference
+
+        def forward(self, x):
+            if self.training:
+                return self.aux(x)
+            return self.fc(F.dropout(x, 0.2, self.training))
+
+    teacher = _randomize(TrainOnly()).train()
+    model = from_module(teacher, torch.randn(2, 4))
+    assert [n.op for n in model.arch.nodes] == ["linear"] and teacher.training
+
+
 # -------------------------------------------------------------------------------- refusals
 
 

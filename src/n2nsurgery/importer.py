@@ -432,11 +432,17 @@ class _Builder:
 
 
 def _trace(module: nn.Module) -> torch.fx.GraphModule:
+    """The graph of `module` at inference: traced in eval mode, since Python branches on
+    ``self.training`` (stochastic depth, a training-only auxiliary head) are fixed at trace time."""
+    was_training = module.training
+    module.eval()
     try:
         return torch.fx.symbolic_trace(module)
     except Exception as e:  # the tracer's own reason (data-dependent control flow, ...)
         reason = " ".join(str(e).split()) or type(e).__name__
         raise N2NError(f"cannot trace {type(module).__name__} with torch.fx: {reason}") from None
+    finally:
+        module.train(was_training)
 
 
 def _shape_prop(gm, example_input: torch.Tensor) -> None:
