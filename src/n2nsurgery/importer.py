@@ -292,6 +292,7 @@ class _Builder:
         self.nodes = []
         self.names = {input_name}
         self.called = set()  # module paths already imported once (a module called twice)
+        self.outputs = []
 
     # ------------------------------------------------------------------ helpers
 
@@ -413,13 +414,13 @@ class _Builder:
         raise N2NError(f"'{node.target}' is a tensor the forward reads directly (node '{node.name}'); "
                        f"n2n imports parameters only through modules; supported: {supported()}")
 
-    def output(self, node) -> list:
+    def output(self, node) -> None:
         out = node.args[0]
         values = list(out) if isinstance(out, (tuple, list)) else [out]
         names = self.inputs_of(values, "the module's output")
         if any(n == self.input_name for n in names):
             raise N2NError("the module returns its input unchanged; there is nothing to import")
-        return names
+        self.outputs = names
 
     def _check_op(self, where: str, op: str, attrs: dict) -> None:
         have = _registry()
@@ -470,18 +471,14 @@ def architecture_of(module: nn.Module, example_input: torch.Tensor, input_name: 
     gm = _trace(module)
     _shape_prop(gm, example_input)
     builder = _Builder(gm, input_name, set(module.state_dict()))
-    outputs = None
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            outputs = builder.output(node)
-        else:
-            getattr(builder, node.op)(node)
+    for node in gm.graph.nodes:  # fx kinds: placeholder, call_module, call_function, ..., output
+        getattr(builder, node.op)(node)
     doc = {
         "format": "n2n-arch/1",
         "name": name or type(module).__name__,
         "inputs": {input_name: {"shape": list(example_input.shape[1:]), "dtype": _dtype_name(example_input.dtype)}},
         "nodes": builder.nodes,
-        "outputs": outputs,
+        "outputs": builder.outputs,
     }
     return yaml.safe_dump(doc, sort_keys=False)
 
