@@ -348,3 +348,20 @@ def test_cli_verify_module_refuses_tensors_that_do_not_load(runner, nets):
     (nets / "h13other.py").write_text("from torch import nn\n\ndef make():\n    return nn.Linear(2, 2)\n")
     r = runner.invoke(app, ["verify", "--module", "h13other:make", str(out)])
     assert r.exit_code == 2 and "do not load into h13other:make" in r.stderr
+
+
+def test_cli_import_that_differs_from_the_module_is_exit_1_and_writes_nothing(runner, nets, monkeypatch):
+    from n2nsurgery import importer
+
+    monkeypatch.setitem(importer.FUNCTIONS, torch.relu, ("sigmoid", importer._unary))  # a wrong mapping
+    out, arch = nets / "net.safetensors", nets / "net.yaml"
+    r = runner.invoke(app, ["import", "h13nets:make", "--input-shape", "2,5,5", "-o", str(out), "--arch-out", str(arch)])
+    assert r.exit_code == 1 and "differs from Net" in r.stderr, r.output
+    assert not out.exists() and not arch.exists()
+
+
+def test_cli_verify_module_takes_one_checkpoint(runner, nets):
+    out = nets / "net.safetensors"
+    assert runner.invoke(app, ["import", "h13nets:make", "--input-shape", "2,5,5", "-o", str(out)]).exit_code == 0
+    r = runner.invoke(app, ["verify", "--module", "h13nets:make", str(out), str(out)])
+    assert r.exit_code == 2 and "drop B" in r.stderr
