@@ -365,3 +365,28 @@ def test_cli_verify_module_takes_one_checkpoint(runner, nets):
     assert runner.invoke(app, ["import", "h13nets:make", "--input-shape", "2,5,5", "-o", str(out)]).exit_code == 0
     r = runner.invoke(app, ["verify", "--module", "h13nets:make", str(out), str(out)])
     assert r.exit_code == 2 and "drop B" in r.stderr
+
+
+class GroupNormMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.gn(self.conv(x)).mean((2, 3)))
+
+
+def test_zoo_ops_import_once_registered_and_are_refused_by_name_before():
+    """groupnorm and mean come with the zoo ops: exact once they are in the registry, refused by
+    name until then (whichever this tree has)."""
+    from n2nsurgery.ops import REGISTRY
+
+    teacher, example = _randomize(GroupNormMean()), torch.randn(2, 2, 4, 4)
+    missing = [op for op in ("groupnorm", "mean") if op not in REGISTRY]
+    if missing:
+        with pytest.raises(N2NError, match=f"the op set lacks '{missing[0]}'"):
+            from_module(teacher, example)
+    else:
+        assert compare_with_module(teacher, from_module(teacher, example)).passed

@@ -67,6 +67,10 @@ def _layernorm(mod) -> dict:
     return {"eps": float(mod.eps)}
 
 
+def _groupnorm(mod) -> dict:
+    return {"num_groups": mod.num_groups, "eps": float(mod.eps)}
+
+
 def _leaky_relu(mod) -> dict:
     return {"negative_slope": float(mod.negative_slope)}
 
@@ -136,6 +140,7 @@ MODULES: dict = {
     nn.BatchNorm2d: ("batchnorm", _batchnorm),
     nn.BatchNorm3d: ("batchnorm", _batchnorm),
     nn.LayerNorm: ("layernorm", _layernorm),
+    nn.GroupNorm: ("groupnorm", _groupnorm),
     nn.ReLU: ("relu", _none),
     nn.ReLU6: ("relu6", _none),
     nn.Sigmoid: ("sigmoid", _none),
@@ -228,6 +233,35 @@ def _fold_call(args, kwargs):
     return FOLD
 
 
+def _mean_call(args, kwargs):
+    dim = _arg(args, kwargs, 1, "dim", None)
+    if dim is None:
+        raise Refused("no dim (a mean over the batch too)")
+    extra = sorted(k for k in kwargs if k not in ("dim", "keepdim"))
+    if extra:
+        raise Refused(f"keyword arguments {', '.join(extra)}")
+    dim = list(dim) if isinstance(dim, (tuple, list)) else dim
+    return _tensor_args(args[:1], {}), {"dim": dim, "keepdim": bool(_arg(args, kwargs, 2, "keepdim", False))}
+
+
+def _permute_call(args, kwargs):
+    dims = _arg(args, kwargs, 1, "dims", None)
+    dims = list(dims) if isinstance(dims, (tuple, list)) else list(args[1:])
+    return _tensor_args(args[:1], {}), {"dims": dims}
+
+
+def _transpose_call(args, kwargs):
+    return _tensor_args(args[:1], {}), {"dim0": _arg(args, kwargs, 1, "dim0", None), "dim1": _arg(args, kwargs, 2, "dim1", None)}
+
+
+def _stochastic_depth_call(args, kwargs):
+    """torchvision.ops.stochastic_depth(input, p, mode, training): traced in eval mode, training
+    is False and the call is the identity."""
+    if _arg(args, kwargs, 3, "training", True):
+        raise Refused("training=True")
+    return FOLD
+
+
 # Callable -> (n2n op, converter); METHODS: tensor method name -> the same.
 FUNCTIONS: dict = {
     torch.relu: ("relu", _unary), F.relu: ("relu", _unary), F.relu6: ("relu6", _unary),
@@ -244,12 +278,21 @@ FUNCTIONS: dict = {
     F.adaptive_avg_pool3d: ("adaptive_avg_pool3d", _adaptive_call),
     F.adaptive_max_pool2d: ("adaptive_max_pool2d", _adaptive_call),
     F.dropout: ("dropout", _fold_call), F.dropout2d: ("dropout", _fold_call),
+    torch.mean: ("mean", _mean_call), torch.permute: ("permute", _permute_call),
+    torch.transpose: ("transpose", _transpose_call),
+}
+
+# Functions of libraries n2n does not import, by (module, name): torchvision wraps its
+# stochastic_depth for torch.fx, so it arrives as a call.
+NAMED_FUNCTIONS: dict = {
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"): ("stochastic_depth", _stochastic_depth_call),
 }
 
 METHODS: dict = {
     "relu": ("relu", _unary), "sigmoid": ("sigmoid", _unary), "tanh": ("tanh", _unary),
     "flatten": ("flatten", _flatten_call),
     "add": ("add", _binary), "mul": ("mul", _binary),
+    "mean": ("mean", _mean_call), "permute": ("permute", _permute_call), "transpose": ("transpose", _transpose_call),
 }
 
 
@@ -366,6 +409,9 @@ class _Builder:
             self.batch.add(node)
             return
         entry = FUNCTIONS.get(node.target)
+        if entry is None:
+            key = (getattr(node.target, "__module__", None), getattr(node.target, "__name__", None))
+            entry = NAMED_FUNCTIONS.get(key)
         self._call(node, entry, _call_name(node.target))
 
     def call_method(self, node) -> None:
