@@ -32,6 +32,7 @@ _LAZY = {
     "save_model": "model",
     "VerifyResult": "verify",
     "verify": "verify",
+    "from_module": "importer",
 }
 
 
@@ -70,6 +71,7 @@ __all__ = [
     "Architecture",
     "CommitResult",
     "commit",
+    "from_module",
     "Model",
     "N2NError",
     "VerificationFailed",

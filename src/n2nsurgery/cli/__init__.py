@@ -68,6 +68,7 @@ try:
     from . import apply_cmd, diff_cmd  # noqa: E402,F401
     from . import deepen_cmd  # noqa: E402,F401
     from . import grow_cmd  # noqa: E402,F401
+    from . import import_cmd  # noqa: E402,F401
 except KeyboardInterrupt:
     _interrupted()
 
