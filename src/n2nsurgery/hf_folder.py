@@ -25,7 +25,7 @@ import re
 import shutil
 import stat
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Optional
 
 from .errors import N2NError
 
@@ -331,8 +331,8 @@ def write_hf_folder(model, dest: str, max_shard_size=None) -> dict:
     """
     from .checkpoint import TempPath, data_size, fd_sink, stream_checkpoint
     from .model import checkpoint_metadata, input_mode
-    from .shards import (INDEX_NAME, SINGLE_NAME, SHARD_METADATA, _move_into_place, _write_all, _write_file,
-                         index_json, parse_size, plan_shards, shard_names)
+    from .shards import (SINGLE_NAME, _move_into_place, _write_all, _write_file, parse_size, plan_shards, shard_names,
+                         write_shard_files)
     from . import progress
 
     origin = model.hf
@@ -356,12 +356,7 @@ def write_hf_folder(model, dest: str, max_shard_size=None) -> dict:
                 _write_file(os.path.join(tmp, SINGLE_NAME), lambda fd: stream_checkpoint(fd_sink(fd, bar), tensors, metadata), True, file_mode)
             else:
                 plan = plan_shards(tensors, limit)
-                names = shard_names(len(plan))
-                for name, keys in zip(names, plan):
-                    part = {k: tensors[k] for k in keys}
-                    _write_file(os.path.join(tmp, name), lambda fd, part=part: stream_checkpoint(fd_sink(fd, bar), part, SHARD_METADATA), True, file_mode)
-                index = index_json(tensors, metadata, plan, names)
-                _write_file(os.path.join(tmp, INDEX_NAME), lambda fd: _write_all(fd, index), True, file_mode)
+                write_shard_files(tmp, tensors, metadata, plan, shard_names(len(plan)), bar, True, file_mode)
         text = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode("utf-8")
         _write_file(os.path.join(tmp, CONFIG_NAME), lambda fd: _write_all(fd, text), True, file_mode)
         _copy_extras(origin, tmp)

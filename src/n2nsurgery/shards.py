@@ -401,10 +401,7 @@ def write_sharded(dest: str, tensors: Mapping[str, TensorSource], metadata: Mapp
         except OSError as e:
             raise N2NError(f"{dest}: cannot write in {parent} ({e.strerror})") from None
         with progress.task(f"writing {base}/", data_size(tensors)) as bar:
-            for name, keys in zip(names, plan):
-                _write_file(os.path.join(tmp, name), lambda fd: stream_checkpoint(fd_sink(fd, bar), {k: tensors[k] for k in keys}, SHARD_METADATA), replacing, file_mode)
-        index = index_json(tensors, metadata, plan, names)
-        _write_file(os.path.join(tmp, INDEX_NAME), lambda fd: _write_all(fd, index), replacing, file_mode)
+            write_shard_files(tmp, tensors, metadata, plan, names, bar, replacing, file_mode)
         os.chmod(tmp, folder_mode)  # mkdtemp makes 0700
         if replacing:
             _fsync_dir(tmp)
@@ -426,6 +423,17 @@ def _output_modes(dest: str, mode: Optional[int]) -> tuple:
         file_mode = new_file_mode(mode)
         return file_mode, file_mode | (file_mode & 0o444) >> 2  # r-- gives r-x: a folder to list
     return stat.S_IMODE(old_index.st_mode) & 0o777, stat.S_IMODE(old_folder.st_mode)
+
+
+def write_shard_files(folder: str, tensors: Mapping[str, TensorSource], metadata: Mapping[str, str], plan: list,
+                      names: list, bar, sync: bool, file_mode: int) -> None:
+    """The shards of `plan` (named `names`) and their index, into `folder`: the temporary folder
+    a sharded write (this module's, or a Hugging Face folder's) builds before its rename."""
+    for name, keys in zip(names, plan):
+        part = {k: tensors[k] for k in keys}
+        _write_file(os.path.join(folder, name), lambda fd, part=part: stream_checkpoint(fd_sink(fd, bar), part, SHARD_METADATA), sync, file_mode)
+    index = index_json(tensors, metadata, plan, names)
+    _write_file(os.path.join(folder, INDEX_NAME), lambda fd: _write_all(fd, index), sync, file_mode)
 
 
 def index_json(tensors: Mapping[str, TensorSource], metadata: Mapping[str, str], plan: list, names: list) -> bytes:
