@@ -151,3 +151,52 @@ outputs: [out]
     model = model_from_state_dict(arch, {k: torch.randn(s) for k, s in shapes.items()})
     with pytest.raises(N2NError, match="'g'.*grow every group alike"):
         widen(model, "a", 8)
+
+
+def test_inspect_marks_grouped_layers_widenable_at_multiples_of_the_groups(runner, tmp_path):
+    """Widening by one unit is refused here, but every multiple of 4 is exact: inspect says so
+    (JSON `multiple_of`, the table's 'yes (width a multiple of 4)') instead of 'no'."""
+    from n2nsurgery.inspect import describe
+
+    model = model_from_state_dict(ARCH, _teacher().state_dict())
+    info = {n["name"]: n["widen"] for n in describe(model)["nodes"] if n["widen"] is not None}
+    assert info["conv_a"]["multiple_of"] == 4 and info["conv_b"]["multiple_of"] == 4
+    assert "multiple_of" not in info["conv_c"] and "refused" in info["conv_c"]  # the output layer
+    ckpt, arch = tmp_path / "t.safetensors", tmp_path / "t.yaml"
+    save_file({k: v.contiguous() for k, v in _teacher().state_dict().items()}, str(ckpt))
+    arch.write_text(ARCH)
+    result = runner.invoke(app, ["inspect", str(ckpt), "--arch", str(arch)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "yes (width a multiple of 4)" in result.output
+
+
+def test_inspect_marks_a_tile_only_group_widenable_at_multiples_of_its_width():
+    """Through a layer norm under a depthwise conv only a uniform k-fold copy (tile) is exact:
+    the widths are the multiples of the current one."""
+    from n2nsurgery.inspect import describe
+
+    arch = """\
+format: n2n-arch/1
+name: tile_only
+inputs:
+  x: {shape: [3, 4, 4], dtype: float32}
+nodes:
+  - {name: stem, op: conv2d, in: x}
+  - {name: dw, op: conv2d, in: stem, padding: 1, groups: 6}
+  - {name: last, op: permute, in: dw, dims: [0, 2, 3, 1]}
+  - {name: norm, op: layernorm, in: last}
+  - {name: head, op: linear, in: norm}
+outputs: [head]
+"""
+    torch.manual_seed(0)
+    tensors = {"stem.weight": torch.randn(6, 3, 1, 1), "stem.bias": torch.randn(6), "dw.weight": torch.randn(6, 1, 3, 3),
+               "dw.bias": torch.randn(6), "norm.weight": torch.rand(6) + 0.5, "norm.bias": torch.randn(6),
+               "head.weight": torch.randn(2, 6), "head.bias": torch.randn(2)}
+    model = model_from_state_dict(arch, tensors)
+    info = {n["name"]: n["widen"] for n in describe(model)["nodes"] if n["widen"] is not None}
+    assert info["stem"]["multiple_of"] == 6
+    student, _ = widen(model, "stem", 12)
+    assert student.shapes["stem"][0] == 12
+    from n2nsurgery.verify import verify
+
+    assert verify(model, student).passed

@@ -234,7 +234,7 @@ def test_an_untraceable_module_gives_the_tracers_reason_in_one_line():
     assert msg.startswith("cannot trace Branchy with torch.fx:") and "control flow" in msg and "\n" not in msg
 
 
-def test_a_view_that_is_not_a_flatten_is_refused():
+def test_a_view_that_does_not_keep_the_batch_axis_is_refused():
     class Viewer(nn.Module):
         def __init__(self):
             super().__init__()
@@ -243,7 +243,7 @@ def test_a_view_that_is_not_a_flatten_is_refused():
         def forward(self, x):
             return self.fc(x).view(-1, 2, 2)
 
-    with pytest.raises(N2NError, match=r"only x.view\(x.size\(0\), -1\)"):
+    with pytest.raises(N2NError, match=r"only a view that keeps the batch axis, x.view\(x.size\(0\), ...\)"):
         from_module(Viewer(), torch.randn(2, 4))
 
 
@@ -390,3 +390,104 @@ def test_zoo_ops_import_once_registered_and_are_refused_by_name_before():
             from_module(teacher, example)
     else:
         assert compare_with_module(teacher, from_module(teacher, example)).passed
+
+
+# ------------------------------------------------- what the model zoo's forwards spell out
+
+
+class LayerScaled(nn.Module):
+    """ConvNeXt's spellings: a channels-first layer norm as permute + F.layer_norm + permute,
+    and a bare parameter multiplied in (``self.gamma * x``), neither one a module call."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.norm_weight = nn.Parameter(torch.ones(width))
+        self.norm_bias = nn.Parameter(torch.zeros(width))
+        self.gamma = nn.Parameter(torch.full((width, 1, 1), 0.5))
+        self.head = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)
+        y = F.layer_norm(y, (y.shape[-1],), self.norm_weight, self.norm_bias, 1e-6).permute(0, 3, 1, 2)
+        return self.head(self.gamma * y)
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle: sizes read off the tensor, a view into (groups, C/groups),
+    a transpose, and a view back; then a chunk into two halves, swapped by a one-input-each cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, h, w = x.size()
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        left, right = x.chunk(2, dim=1)
+        return self.head(torch.cat([torch.cat([right]), left], 1))
+
+
+class CeilPool(nn.Module):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+        self.fc = nn.Linear(width * 5 * 5, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+def test_a_bare_layer_scale_and_a_functional_layer_norm_import_and_widen():
+    teacher, example = _randomize(LayerScaled()), torch.randn(2, 3, 5, 5)
+    model = from_module(teacher, example)
+    ops = {n.name: n.op for n in model.arch.nodes}
+    assert ops["gamma"] == "layer_scale" and "layernorm" in ops.values()
+    assert set(model.tensors.keys()) == set(teacher.state_dict())
+    student, _ = widen(model, "conv", 8)  # a uniform 2-fold tile: the layer norm's statistics stay
+    grown = _load_student(LayerScaled, student, width=8)
+    assert _judge(teacher, grown, example) < 1e-5
+
+
+def test_a_channel_shuffle_imports_exactly_and_refuses_to_widen_through_the_shuffle():
+    teacher, example = _randomize(Shuffle()), torch.randn(2, 3, 4, 4)
+    model = from_module(teacher, example)
+    assert [n.op for n in model.arch.nodes].count("reshape") == 2
+    assert compare_with_module(teacher, model).passed
+    with pytest.raises(N2NError, match="a channel shuffle interleaves groups"):
+        widen(model, "conv", 12)
+
+
+def test_an_average_pool_that_rounds_up_and_skips_padding_imports_and_widens():
+    teacher, example = _randomize(CeilPool()), torch.randn(2, 3, 8, 8)
+    model = from_module(teacher, example)
+    attrs = model.arch.node("pool").resolved_attrs()
+    assert attrs["ceil_mode"] is True and attrs["count_include_pad"] is False
+    assert model.shapes["pool"] == (4, 5, 5)  # rounding down would give 4x4
+    student, _ = widen(model, "conv", 6)
+    assert _judge(teacher, _load_student(CeilPool, student, width=6), example) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "forward, needle",
+    [
+        (lambda self, x: self.fc(x).view(x.size(0) * 2, -1), "arithmetic on the batch size"),
+        (lambda self, x: self.fc(x) + self.offset, "'offset' is a tensor the forward reads directly"),
+        (lambda self, x: self.fc(x) * self.constant, "not in the module's state_dict"),
+    ],
+    ids=["batch-arithmetic", "parameter-added", "constant-tensor"],
+)
+def test_what_the_zoo_spellings_cannot_follow_is_refused_by_name(forward, needle):
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.offset = nn.Parameter(torch.zeros(4))
+            self.register_buffer("constant", torch.ones(4), persistent=False)
+
+    Odd.forward = forward
+    with pytest.raises(N2NError, match=needle):
+        from_module(Odd(), torch.randn(2, 4))

@@ -26,6 +26,7 @@ import yaml
 from .errors import N2NError, VerificationFailed
 
 FOLD = object()  # a converter's answer for "the identity at inference": the node disappears
+BATCH = object()  # the batch size, as read off a traced tensor by x.size(0) or x.shape[0]
 
 
 class Refused(Exception):
@@ -96,19 +97,15 @@ def _max_pool(mod) -> dict:
 
 
 def _avg_pool(mod) -> dict:
-    if not getattr(mod, "count_include_pad", True):
-        raise Refused("count_include_pad=False (n2n's avg_pool counts the zero padding)")
     if getattr(mod, "divisor_override", None) is not None:
         raise Refused("divisor_override")
     attrs = {"kernel_size": _one_or_list(mod.kernel_size), "stride": _one_or_list(mod.stride),
-             "padding": _one_or_list(mod.padding)}
+             "padding": _one_or_list(mod.padding), "count_include_pad": bool(getattr(mod, "count_include_pad", True))}
     return _with_ceil_mode(attrs, mod)
 
 
 def _with_ceil_mode(attrs: dict, mod) -> dict:
-    """ceil_mode passes only where the op has the attribute (another change adds it to max_pool)."""
-    if mod.ceil_mode:
-        attrs["ceil_mode"] = True
+    attrs["ceil_mode"] = bool(mod.ceil_mode)
     return attrs
 
 
@@ -204,6 +201,8 @@ def _cat(args, kwargs):
     dim = _arg(args, kwargs, 1, "dim", 0)
     if not isinstance(tensors, (list, tuple)):
         raise Refused("tensors that are not a list of the model's tensors")
+    if len(tensors) == 1:  # DenseNet's first layer concatenates a list of one: the identity
+        return FOLD
     return _tensor_args(tensors, {}), {"dim": dim}
 
 
@@ -254,6 +253,17 @@ def _transpose_call(args, kwargs):
     return _tensor_args(args[:1], {}), {"dim0": _arg(args, kwargs, 1, "dim0", None), "dim1": _arg(args, kwargs, 2, "dim1", None)}
 
 
+def _layer_norm_call(args, kwargs):
+    """F.layer_norm(x, normalized_shape, weight, bias, eps), as torchvision's LayerNorm2d calls it
+    between two permutes; weight and bias are the module's own tensors (read by the builder)."""
+    shape = _arg(args, kwargs, 1, "normalized_shape", None)
+    if not isinstance(shape, (list, tuple)) or len(shape) != 1:
+        raise Refused(f"normalized_shape {shape} (n2n's layernorm normalises the last axis only)")
+    weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
+    attrs = {"eps": float(_arg(args, kwargs, 4, "eps", 1e-5))}
+    return _tensor_args(args[:1], {}), attrs, {"weight": weight, "bias": bias}
+
+
 def _stochastic_depth_call(args, kwargs):
     """torchvision.ops.stochastic_depth(input, p, mode, training): traced in eval mode, training
     is False and the call is the identity."""
@@ -280,7 +290,12 @@ FUNCTIONS: dict = {
     F.dropout: ("dropout", _fold_call), F.dropout2d: ("dropout", _fold_call),
     torch.mean: ("mean", _mean_call), torch.permute: ("permute", _permute_call),
     torch.transpose: ("transpose", _transpose_call),
+    F.layer_norm: ("layernorm", _layer_norm_call),
 }
+
+# Integer arithmetic on sizes read off tensors (ShuffleNet's channels // groups).
+_INT_OPS: dict = {operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add,
+                  operator.sub: operator.sub}
 
 # Functions of libraries n2n does not import, by (module, name): torchvision wraps its
 # stochastic_depth for torch.fx, so it arrives as a call.
@@ -331,7 +346,9 @@ class _Builder:
         self.input_name = input_name
         self.state_keys = state_keys
         self.value = {}  # fx node -> n2n value name (a folded node maps to its input's)
-        self.batch = set()  # fx nodes holding the batch size (x.size(0)), used by view/reshape
+        self.ints = {}  # fx node -> a size read off a tensor: an int, BATCH, or a tuple of them
+        self.tensors = {}  # fx node -> the state_dict key of a tensor the forward reads directly
+        self.parts = {}  # fx node of x.chunk(n, dim) -> (input value, n, dim), taken apart by indexing
         self.nodes = []
         self.names = {input_name}
         self.called = set()  # module paths already imported once (a module called twice)
@@ -359,6 +376,10 @@ class _Builder:
     def inputs_of(self, args, where: str) -> list:
         names = []
         for a in args:
+            if a in self.tensors:
+                raise N2NError(f"'{a.target}' is a tensor the forward reads directly (node '{a.name}'), here as an input "
+                               f"of {where}; n2n imports such tensors only as a layer scale (x * gamma) or a norm's "
+                               f"weight and bias; supported: {supported()}")
             if a not in self.value:
                 raise N2NError(f"{where}: an input that is not a tensor n2n can follow ({a})")
             names.append(self.value[a])
@@ -402,11 +423,16 @@ class _Builder:
         return self.emit(self.unique(node.name), op, inputs, attrs, params)
 
     def call_function(self, node) -> None:
-        if node.target is getattr and node.args[1] == "shape":
-            self.batch.add(("shape", node))
+        if self._size_arithmetic(node):
             return
-        if node.target is operator.getitem and ("shape", node.args[0]) in self.batch and node.args[1] == 0:
-            self.batch.add(node)
+        if node.target in (operator.mul, torch.mul) and any(a in self.tensors for a in node.args):
+            self._layer_scale(node)
+            return
+        if node.target is torch.chunk:
+            self._chunks(node)
+            return
+        if node.target is torch.reshape:
+            self._view(node, list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else [node.args[1]])
             return
         entry = FUNCTIONS.get(node.target)
         if entry is None:
@@ -415,50 +441,158 @@ class _Builder:
         self._call(node, entry, _call_name(node.target))
 
     def call_method(self, node) -> None:
-        if node.target == "size" and len(node.args) == 2 and node.args[1] == 0 and not node.kwargs:
-            self.batch.add(node)  # x.size(0): only meaningful to a view/reshape that flattens
+        if node.target == "size" and not node.kwargs:
+            sizes = self._sizes_of(node.args[0], "x.size()")
+            self.ints[node] = sizes if len(node.args) == 1 else sizes[node.args[1]]
             return
         if node.target in ("view", "reshape"):
-            self._view(node)
+            shape = node.args[1:]
+            self._view(node, list(shape[0]) if len(shape) == 1 and isinstance(shape[0], (list, tuple)) else list(shape))
             return
         if node.target == "contiguous":  # the same values
             self.value[node] = self.inputs_of(node.args[:1], f"x.{node.target}()")[0]
             return
+        if node.target == "chunk":
+            self._chunks(node)
+            return
+        if node.target == "mul" and any(a in self.tensors for a in node.args):
+            self._layer_scale(node)
+            return
         self._call(node, METHODS.get(node.target), f"x.{node.target}()")
 
     def _call(self, node, entry, where: str) -> None:
+        where = f"call {where} (node '{node.name}')"
         if entry is None:
-            raise N2NError(f"call {where} (node '{node.name}'): n2n cannot import it; supported: {supported()}")
+            raise N2NError(f"{where}: n2n cannot import it; supported: {supported()}")
         op, convert = entry
         try:
             converted = convert(node.args, dict(node.kwargs))
         except Refused as e:
-            raise N2NError(f"call {where} (node '{node.name}'): {op} cannot be exact with {e}")
+            raise N2NError(f"{where}: {op} cannot be exact with {e}")
         if converted is FOLD:
-            self.value[node] = self.inputs_of(node.args[:1], where)[0]
+            first = node.args[0]
+            first = first[0] if isinstance(first, (list, tuple)) else first  # torch.cat([x])
+            self.value[node] = self.inputs_of([first], where)[0]
             return
-        args, attrs = converted
-        inputs = self.inputs_of(args, f"call {where} (node '{node.name}')")
-        self._check_op(f"call {where} (node '{node.name}')", op, attrs)
+        args, attrs, *tensor_args = converted
+        inputs = self.inputs_of(args, where)
+        self._check_op(where, op, attrs)
+        if tensor_args:  # a functional norm: its weight and bias are tensors the forward reads
+            name, params = self._named_by_tensors(node, tensor_args[0], where)
+            self.value[node] = self.emit(name, op, inputs, attrs, params)
+            return
         self.value[node] = self.emit(self.unique(node.name), op, inputs, attrs)
 
-    def _view(self, node) -> None:
-        """``x.view(x.size(0), -1)`` (or reshape, or ``x.shape[0]``) is a flatten from axis 1;
-        any other view or reshape is refused (n2n cannot follow units through it)."""
-        where = f"call x.{node.target}() (node '{node.name}')"
-        args = node.args
-        shape = node.meta.get("tensor_meta")
-        flattens = (len(args) == 3 and args[1] in self.batch and args[2] == -1
-                    and shape is not None and len(shape.shape) == 2)
-        if not flattens:
-            raise N2NError(f"{where}: only x.{node.target}(x.size(0), -1) (a flatten) can be imported; "
-                           "write torch.flatten(x, 1) or reshape through ops n2n has")
-        inputs = self.inputs_of(args[:1], where)
-        self.value[node] = self.emit(self.unique("flatten"), "flatten", inputs, {"start_dim": 1, "end_dim": -1})
+    # ------------------------------------------------------ tensors the forward reads directly
 
     def get_attr(self, node) -> None:
-        raise N2NError(f"'{node.target}' is a tensor the forward reads directly (node '{node.name}'); "
-                       f"n2n imports parameters only through modules; supported: {supported()}")
+        """A parameter or buffer read as ``self.gamma``: kept until a use says what it is (a layer
+        scale, a norm's weight); any other use is refused there, naming the tensor."""
+        if node.target not in self.state_keys:
+            raise N2NError(f"'{node.target}' is a tensor the forward reads directly (node '{node.name}') but not in "
+                           f"the module's state_dict (a constant); n2n cannot carry it; supported: {supported()}")
+        self.tensors[node] = node.target
+
+    def _named_by_tensors(self, node, roles: dict, where: str) -> tuple:
+        """(node name, params) for an op whose tensors the forward passed in: named after their
+        owner (``features.0.1`` for ``features.0.1.weight``) so the default keys are the module's."""
+        keys = {}
+        for role, arg in roles.items():
+            if arg is None:
+                continue
+            if arg not in self.tensors:
+                raise N2NError(f"{where}: its {role} is not a parameter of the module ({arg})")
+            keys[role] = self.tensors[arg]
+        owners = {k.rpartition(".")[0] for k in keys.values()}
+        owner = owners.pop() if len(owners) == 1 else None
+        if owner and owner not in self.names and all(k == f"{owner}.{r}" for r, k in keys.items()):
+            self.names.add(owner)
+            return owner, None
+        return self.unique(node.name), keys
+
+    def _layer_scale(self, node) -> None:
+        """``x * self.gamma`` (ConvNeXt, CaiT): a per-channel scale, the n2n op layer_scale."""
+        where = f"call {_call_name(node.target) if node.op == 'call_function' else 'x.mul()'} (node '{node.name}')"
+        args = list(node.args)
+        if len(args) != 2 or node.kwargs or sum(a in self.tensors for a in args) != 1:
+            raise N2NError(f"{where}: only a product of one value and one tensor of the module imports (a layer scale)")
+        gamma, x = (args[0], args[1]) if args[0] in self.tensors else (args[1], args[0])
+        self._check_op(where, "layer_scale", {})
+        key = self.tensors[gamma]
+        name = key if key not in self.names else self.unique(node.name)
+        self.names.add(name)
+        self.value[node] = self.emit(name, "layer_scale", self.inputs_of([x], where), {}, {"weight": key})
+
+    # ------------------------------------------------------------------ chunks
+
+    def _chunks(self, node) -> None:
+        """``x.chunk(n, dim)`` is a tuple; each ``parts[i]`` becomes one n2n chunk node."""
+        where = f"call chunk (node '{node.name}')"
+        chunks, dim = _arg(node.args, node.kwargs, 1, "chunks", None), _arg(node.args, node.kwargs, 2, "dim", 0)
+        if not isinstance(chunks, int) or not isinstance(dim, int) or dim == 0:
+            raise N2NError(f"{where}: only chunks of a constant count along an axis other than the batch import")
+        size = self._sizes_of(node.args[0], where)[dim]
+        if size % chunks:
+            raise N2NError(f"{where}: {size} entries do not split into {chunks} equal parts (n2n's chunk is equal parts only)")
+        self._check_op(where, "chunk", {})
+        self.parts[node] = (self.inputs_of(node.args[:1], where)[0], chunks, dim)
+
+    def _chunk_part(self, node) -> None:
+        source, chunks, dim = self.parts[node.args[0]]
+        index = node.args[1]
+        if not isinstance(index, int):
+            raise N2NError(f"call getitem (node '{node.name}'): a slice of chunks; index them one by one")
+        attrs = {"chunks": chunks, "index": index % chunks, "dim": dim}
+        self.value[node] = self.emit(self.unique(node.name), "chunk", [source], attrs)
+
+    # ------------------------------------------------------------------ sizes and reshapes
+
+    def _sizes_of(self, arg, where: str) -> tuple:
+        """The sizes of a traced tensor at the example input, the batch axis as BATCH."""
+        meta = arg.meta.get("tensor_meta") if isinstance(arg, torch.fx.Node) else None
+        if meta is None or not hasattr(meta, "shape"):
+            raise N2NError(f"{where}: the size of a value that is not a tensor n2n can follow ({arg})")
+        return (BATCH,) + tuple(int(n) for n in meta.shape[1:])
+
+    def _size_arithmetic(self, node) -> bool:
+        """x.shape, indexing it, and integer arithmetic on sizes (ShuffleNet's C // groups): the
+        sizes are known at the example input; the batch size may only pass through untouched."""
+        f, args = node.target, node.args
+        if f is getattr and len(args) == 2 and args[1] == "shape":
+            self.ints[node] = self._sizes_of(args[0], "x.shape")
+            return True
+        if f is operator.getitem and args[0] in self.parts:
+            self._chunk_part(node)
+            return True
+        if f is operator.getitem and args[0] in self.ints:
+            self.ints[node] = self.ints[args[0]][args[1]]
+            return True
+        if f in _INT_OPS and any(a in self.ints for a in args):
+            values = [self.ints.get(a, a) for a in args]
+            if any(v is BATCH for v in values) or not all(isinstance(v, int) for v in values):
+                raise N2NError(f"call {_call_name(f)} (node '{node.name}'): arithmetic on the batch size or on "
+                               "a value that is not a size; n2n follows sizes only as constants of the example input")
+            self.ints[node] = _INT_OPS[f](*values)
+            return True
+        return False
+
+    def _view(self, node, shape: list) -> None:
+        """``x.view(x.size(0), ...)`` (or reshape, or ``x.shape[0]``): ``(batch, -1)`` to two axes
+        is a flatten from axis 1, anything else the op reshape of one sample's shape (which
+        refuses to widen an axis it splits, such as a channel shuffle's)."""
+        where = f"call x.{node.target}() (node '{node.name}')" if node.op == "call_method" else f"call torch.reshape (node '{node.name}')"
+        sizes = [self.ints.get(n, n) for n in shape]
+        if not sizes or sizes[0] is not BATCH or not all(isinstance(n, int) and n is not BATCH for n in sizes[1:]):
+            raise N2NError(f"{where}: only a view that keeps the batch axis, x.{node.target}(x.size(0), ...), can be "
+                           "imported (its other sizes constants of the example input); write torch.flatten(x, 1) "
+                           "or keep the batch size first")
+        inputs = self.inputs_of(node.args[:1], where)
+        meta = node.meta.get("tensor_meta")
+        if sizes[1:] == [-1] and meta is not None and len(meta.shape) == 2:
+            self.value[node] = self.emit(self.unique("flatten"), "flatten", inputs, {"start_dim": 1, "end_dim": -1})
+            return
+        self._check_op(where, "reshape", {})
+        self.value[node] = self.emit(self.unique(node.name), "reshape", inputs, {"shape": sizes[1:]})
 
     def output(self, node) -> None:
         out = node.args[0]

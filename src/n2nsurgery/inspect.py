@@ -87,14 +87,15 @@ def _widen_info(model, node, groups: dict) -> dict:
     """The layers that widen with `node`, or why it cannot be widened. A layer found in an
     earlier layer's group widens with the same layers (they share one unit space), so the
     residual stream of a deep model is walked once, not once per layer on it."""
-    from .widen import widen_group
+    from .widen import widen_info
 
     if node.name in groups:
-        found = groups[node.name]
-        return {"group": [node.name] + sorted(found - {node.name})}
-    group, refused = widen_group(model, node.name)
-    if refused is not None:
-        return {"refused": refused}
-    for name in group:
-        groups[name] = frozenset(group)
-    return {"group": group}
+        found, extra = groups[node.name]
+        return {"group": [node.name] + sorted(found - {node.name}), **extra}
+    info = widen_info(model, node.name)
+    if "refused" in info:
+        return info
+    extra = {k: v for k, v in info.items() if k != "group"}
+    for name in info["group"]:
+        groups[name] = (frozenset(info["group"]), extra)
+    return info

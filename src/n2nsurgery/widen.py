@@ -43,7 +43,7 @@ from .ops.units import FILL_MODES, SPLIT_OF, Constraint, Event, PlanError, UnitM
 from .remap import REMAP_KINDS, Remap, _lazy_remap
 from .surgery import history_step
 
-__all__ = ["UnitMap", "Event", "WidenContext", "WidenReport", "plan_group", "widen", "widen_attention", "widen_group", "unit_axis"]
+__all__ = ["UnitMap", "Event", "WidenContext", "WidenReport", "plan_group", "widen", "widen_attention", "widen_group", "widen_info", "unit_axis"]
 
 SPLITS = ("equal", "random")  # the shares of a copy map
 # --split: a copy map's shares, or a fill mode asked for by name (docs/transformers.md); None picks one.
@@ -555,17 +555,51 @@ def _refuse_float8_shares(model, ctx) -> None:
 
 def widen_group(model, layer: str) -> tuple:
     """For `n2n inspect`: (group of producers that widen together, None) or (None, reason refused)."""
+    info = widen_info(model, layer)
+    return info.get("group"), info.get("refused")
+
+
+def widen_info(model, layer: str) -> dict:
+    """What `n2n inspect` says of widening `layer`: ``{"group": [layer, partners...]}``, with
+    ``"multiple_of": k`` when only widths that are multiples of k are exact (grouped convs grow
+    every group alike; a group that allows only tile grows by whole copies), or ``{"refused": why}``."""
     # The collecting walk alone: the group and every refusal of the structure are known there;
     # drawing the map and walking again would only repeat it (inspect asks for every layer).
     try:
         _check_layer(model, layer)
-        width = _one_more(model, layer)
-        space, ctx = collect_space(model, layer, width)
-        _choose(space, layer, width, None)
+        first = _one_more(model, layer)
+        n = model.shapes[layer][unit_axis(model, graph_index(model).by_name[layer])]
+        space, ctx = collect_space(model, layer, first)
+        try:
+            _choose(space, layer, first, None)
+            width, multiple = first, None
+        except N2NError as refused:
+            width, multiple = _smallest_exact(model, layer, n, space, first, refused)
+            space, ctx = collect_space(model, layer, width)
         _check_memory(model, layer, width, ctx.remaps)
     except N2NError as e:
-        return None, str(e)
-    return [layer] + sorted(set(ctx.producers) - {layer}), None
+        return {"refused": str(e)}
+    info = {"group": [layer] + sorted(set(ctx.producers) - {layer})}
+    if multiple is not None:
+        info["multiple_of"] = multiple
+    return info
+
+
+def _smallest_exact(model, layer: str, n: int, space: UnitSpace, first: int, refused: N2NError) -> tuple:
+    """(a width past `first` that is exact, k) where exact widths are the multiples of k: the
+    next multiple of the group's block and groups, else 2n (a tile: multiples of n); or raise
+    the first refusal, which says why no width is."""
+    step = math.lcm(space.block, space.groups)
+    for width, multiple in ((n + step, step), (2 * n, n)):
+        if width <= first and multiple == step:
+            continue  # the width already refused
+        try:
+            again, _ = collect_space(model, layer, width)
+            _choose(again, layer, width, None)
+        except N2NError:
+            continue
+        return width, multiple
+    raise refused
 
 
 def _one_more(model, layer: str) -> int:

@@ -120,7 +120,8 @@ def _widen_cell(widen) -> str:
     if widen is None:
         return ""
     if "group" in widen:
-        return escape("yes, with " + ", ".join(widen["group"][1:]) if len(widen["group"]) > 1 else "yes")
+        yes = f"yes (width a multiple of {widen['multiple_of']})" if "multiple_of" in widen else "yes"
+        return escape(f"{yes}, with " + ", ".join(widen["group"][1:]) if len(widen["group"]) > 1 else yes)
     return "[dim]no: " + escape(widen["refused"].split(": ", 1)[-1]) + "[/]" if "reaches model output" not in widen["refused"] else "[dim]no (output)[/]"
 
 

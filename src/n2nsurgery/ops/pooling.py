@@ -52,10 +52,11 @@ def _adaptive_infer(nd):
 
 
 def _avg_window_range(ranges, a):
-    # Zero padding is averaged in (count_include_pad), so 0 joins the range when there is padding.
+    # Zero padding is averaged in (count_include_pad), so 0 joins the range when there is padding;
+    # without it (and in ceil_mode's clipped last window) each output is an average of inputs.
     r = ranges[0]
     pad = a["padding"]
-    if pad != 0 and pad != (0,) * (len(pad) if isinstance(pad, tuple) else 1):
+    if a["count_include_pad"] and pad != 0 and pad != (0,) * (len(pad) if isinstance(pad, tuple) else 1):
         return r.union(Interval(0.0, 0.0))
     return r
 
@@ -87,9 +88,10 @@ for _nd in (1, 2, 3):
     register(
         OpDef(
             name=f"avg_pool{_nd}d",
-            forward=(lambda fn: lambda xs, p, a: fn(xs[0], a["kernel_size"], a["stride"], a["padding"]))(_AVG[_nd]),
+            forward=(lambda fn: lambda xs, p, a: fn(xs[0], a["kernel_size"], a["stride"], a["padding"], ceil_mode=a["ceil_mode"],
+                                                    count_include_pad=a["count_include_pad"]))(_AVG[_nd]),
             infer_shape=_window_infer(_nd),
-            attrs=_WINDOW_ATTRS,
+            attrs={**_WINDOW_ATTRS, "ceil_mode": Attr(_bool_attr, False), "count_include_pad": Attr(_bool_attr, True)},
             value_range=_avg_window_range,
             widen=widen_channels_passthrough,
             fill_modes=ANY_FILL,  # an average is linear
