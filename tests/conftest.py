@@ -19,6 +19,45 @@ EXAMPLE_NAMES = ("mlp", "cnn", "resnet", "inception")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+_TORCHVISION_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+_TORCHVISION_LIBRARY = []  # the Library must outlive the import, or its definitions go away
+
+
+def load_torchvision() -> bool:
+    """Import torchvision if it is installed (False when it is not), even one built for another torch.
+
+    The wheel the index serves beside a CPU torch may be built against another torch: its C++
+    extension cannot load, and ``import torchvision`` fails registering the detection operators
+    ("operator torchvision::nms does not exist"). The classification models are pure Python;
+    defining those two schemas and importing again lets them load (GUIDE §5). transformers
+    imports torchvision whenever it is installed, so this runs before any test, not only the
+    zoo's. With a matching torchvision the first import succeeds and nothing is defined.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]  # the half-imported package
+        if not _TORCHVISION_LIBRARY:
+            lib = torch.library.Library("torchvision", "DEF")
+            for schema in _TORCHVISION_SCHEMAS:
+                lib.define(schema)
+            _TORCHVISION_LIBRARY.append(lib)
+        import torchvision  # noqa: F401
+    return True
+
+
+load_torchvision()
+
 
 def example_paths(name: str) -> tuple[str, str]:
     """(checkpoint, architecture) of a shipped example, as strings for the CLI."""

@@ -4,11 +4,7 @@ Used by tests/test_zoo_models.py. Nothing is downloaded: every model is built fr
 definition with random weights, then given non-default norm statistics, biases and layer scales
 (defaults would hide a wrong eps, a dropped mean or a layer scale of 1e-6 that mutes a block).
 
-torchvision beside a CPU torch: the wheel the index serves may be built against another torch,
-so its C++ extension cannot load and ``import torchvision`` fails on the detection operators'
-registration ("operator torchvision::nms does not exist"). The classification models are pure
-Python; defining those two schemas first (GUIDE §5) lets them load. Where the extension loads,
-the schemas already exist and nothing is defined.
+torchvision beside a CPU torch: see ``conftest.load_torchvision``.
 """
 
 from __future__ import annotations
@@ -21,35 +17,14 @@ import pytest
 import torch
 from torch import nn
 
-_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-_LIBRARY = []  # the Library object must outlive the import, or its definitions go away
-
-
 def torchvision_models():
     """``torchvision.models``, or skip the test (torchvision is in the test extra)."""
-    import importlib.util
-    import sys
+    from conftest import load_torchvision
 
-    if importlib.util.find_spec("torchvision") is None:
+    if not load_torchvision():
         pytest.skip("torchvision is not installed (it is in the test extra: pip install -e '.[test]')")
-    try:
-        import torchvision.models
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-        # The extension did not load: drop the half-imported package, define the two schemas
-        # its Python registrations expect, and import again (the zoo needs no extension).
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        if not _LIBRARY:
-            lib = torch.library.Library("torchvision", "DEF")
-            for schema in _SCHEMAS.values():
-                lib.define(schema)
-            _LIBRARY.append(lib)
-        import torchvision.models
+    import torchvision.models
+
     return torchvision.models
 
 

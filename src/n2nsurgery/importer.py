@@ -334,6 +334,12 @@ def _call_name(fn) -> str:
     return f"{short}.{getattr(fn, '__name__', str(fn))}"
 
 
+def _described(target) -> str:
+    """How a call is named in messages: ``x.view()`` for a tensor method (fx gives its name),
+    ``torch.reshape`` for a function."""
+    return f"x.{target}()" if isinstance(target, str) else _call_name(target)
+
+
 def _lacks(where: str, op: str) -> N2NError:
     return N2NError(f"{where}: the op set lacks '{op}'; supported: {supported()}")
 
@@ -512,7 +518,7 @@ class _Builder:
 
     def _layer_scale(self, node) -> None:
         """``x * self.gamma`` (ConvNeXt, CaiT): a per-channel scale, the n2n op layer_scale."""
-        where = f"call {_call_name(node.target) if node.op == 'call_function' else 'x.mul()'} (node '{node.name}')"
+        where = f"call {_described(node.target)} (node '{node.name}')"
         args = list(node.args)
         if len(args) != 2 or node.kwargs or sum(a in self.tensors for a in args) != 1:
             raise N2NError(f"{where}: only a product of one value and one tensor of the module imports (a layer scale)")
@@ -580,10 +586,10 @@ class _Builder:
         """``x.view(x.size(0), ...)`` (or reshape, or ``x.shape[0]``): ``(batch, -1)`` to two axes
         is a flatten from axis 1, anything else the op reshape of one sample's shape (which
         refuses to widen an axis it splits, such as a channel shuffle's)."""
-        where = f"call x.{node.target}() (node '{node.name}')" if node.op == "call_method" else f"call torch.reshape (node '{node.name}')"
+        where = f"call {_described(node.target)} (node '{node.name}')"
         sizes = [self.ints.get(n, n) for n in shape]
         if not sizes or sizes[0] is not BATCH or not all(isinstance(n, int) and n is not BATCH for n in sizes[1:]):
-            raise N2NError(f"{where}: only a view that keeps the batch axis, x.{node.target}(x.size(0), ...), can be "
+            raise N2NError(f"{where}: only a view that keeps the batch axis, x.view(x.size(0), ...), can be "
                            "imported (its other sizes constants of the example input); write torch.flatten(x, 1) "
                            "or keep the batch size first")
         inputs = self.inputs_of(node.args[:1], where)
