@@ -39,7 +39,7 @@ and trained for a short budget), so a bigger student has something left to learn
 
 - **Compute**: a training step costs about 6 × N × tokens FLOPs (forward 2N, backward 4N per
   token), N the parameters a token's computation multiplies through: every parameter but the
-  input embedding table (a lookup). Attention's T² term (T = 128: under 10% here) and the
+  input embedding table (a lookup). Attention's T² term (T = 128: about 10% more for the student) and the
   evaluations are not counted. Grown and naive students start at the teacher's training compute.
 - **Checked**: every grown student loads into ``LlamaForCausalLM`` at the student config with
   strict loading, and its step-0 validation loss is the teacher's (asserted: relative difference
