@@ -531,7 +531,7 @@ def plot(out: dict, folder: Path, suffix: str = "") -> list:
     for axis in ("steps", "compute"):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         if axis == "compute":
-            ax.plot(teacher["curve"]["steps"] and [s * teacher["flops_per_step"] for s in teacher["curve"]["steps"]],
+            ax.plot([s * teacher["flops_per_step"] for s in teacher["curve"]["steps"]],
                     teacher["curve"]["val_loss"], color="grey", lw=1.4, label="teacher training")
         for m, data in out["methods"].items():
             x = data["steps"] if axis == "steps" else data["compute_flops"]
