@@ -27,13 +27,21 @@ For contrast, the table and plots also show the Net2Net students at the teacher'
 The script asserts that every Net2Net student starts where the teacher is: the same logits (max
 |Δ| ≤ 1e-4 · max |y|) and the same validation accuracy (within 0.5%).
 
+``--regime underfit`` (issue 17) swaps the half-width teacher, which fits its training set
+(100% train accuracy, so its students have nothing left to learn), for one too small to fit it
+(:data:`TINY_WIDTHS`; its train accuracy is asserted to stay under
+:data:`UNDERFIT_MAX_TRAIN_ACC`): the paper's regime, whose Inception teachers underfit ImageNet.
+Everything else (students, baselines, learning rates, steps, seeds) is the same; outputs are
+named ``*-underfit*``.
+
 Run it from the repository root (needs the ``bench`` extra: ``pip install -e '.[bench]'``)::
 
     .venv/bin/python benchmarks/convergence.py --quick    # ~1 minute on 2 cores
     .venv/bin/python benchmarks/convergence.py            # the README's numbers (several minutes)
+    .venv/bin/python benchmarks/convergence.py --regime underfit    # a teacher that underfits
 
-Outputs: ``--json PATH`` (``{"wider": {"teacher_val_acc", "methods": {name: {"steps", "val_acc"}}},
-"deeper": {...}}``, val_acc averaged over seeds), one PNG per experiment in ``--plots DIR``, and
+Outputs: ``--json PATH`` (``{"wider": {"teacher_val_acc", "teacher_train_acc", "methods": {name:
+{"steps", "val_acc"}}}, "deeper": {...}}``, val_acc averaged over seeds), one PNG per experiment in ``--plots DIR``, and
 a Markdown table of the results on stdout.
 """
 
@@ -63,6 +71,13 @@ EXTRA = "net2net_at_teacher_lr"
 # The teacher's widths are half of these (the paper widens a narrower Inception to the standard one).
 FULL_WIDTHS = {"c1": 16, "c2": 32, "hidden": 64}
 HALF_WIDTHS = {k: v // 2 for k, v in FULL_WIDTHS.items()}
+# --regime underfit (issue 17): a teacher too small to fit its training set, so the wider and
+# deeper students have something left to learn (the paper's regime: its Inception teachers
+# underfit ImageNet). The half-width teacher above fits the training set (100%).
+TINY_WIDTHS = {"c1": 2, "c2": 4, "hidden": 4}
+REGIMES = {"plateau": HALF_WIDTHS, "underfit": TINY_WIDTHS}
+# The underfit teacher must stay well under this training accuracy (asserted), or the regime is not one.
+UNDERFIT_MAX_TRAIN_ACC = 0.97
 
 # Where Net2DeeperNet inserts its identity convolutions, and the names it gives them (the
 # attribute names of DigitsCNN(deeper=True), so the student's tensors load by state_dict key).
@@ -139,6 +154,11 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     val_fraction: float = 0.3  # of the 1797 digits, stratified, split with random_state=0
+    regime: str = "plateau"  # the teacher's widths: REGIMES[regime] (wider students: FULL_WIDTHS)
+
+    @property
+    def teacher_widths(self) -> dict:
+        return REGIMES[self.regime]
 
 
 # The half-width teacher plateaus after about 400 steps (98.2% validation accuracy, vs 99.2% for
@@ -208,9 +228,9 @@ def train(module: nn.Module, data: tuple, cfg: Config, lr: float, steps: int, se
 
 
 def train_teacher(data: tuple, cfg: Config) -> tuple:
-    """The half-width teacher, trained from seed 0; returns (module, its val-acc curve)."""
+    """The teacher (cfg.teacher_widths), trained from seed 0; returns (module, its val-acc curve)."""
     torch.manual_seed(0)
-    teacher = DigitsCNN(**HALF_WIDTHS)
+    teacher = DigitsCNN(**cfg.teacher_widths)
     steps, acc = train(teacher, data, cfg, cfg.teacher_lr, cfg.teacher_steps, seed=0, eval_every=max(1, cfg.teacher_steps // 10))
     return teacher, (steps, acc)
 
@@ -253,18 +273,23 @@ def random_pad(teacher: nn.Module, seed: int) -> nn.Module:
     return student.eval()
 
 
+def widths_of(module: DigitsCNN) -> dict:
+    return {"c1": module.conv1.out_channels, "c2": module.conv2.out_channels, "hidden": module.fc1.out_features}
+
+
 def net2net_deeper(teacher: nn.Module) -> nn.Module:
     """The teacher with an identity 3×3 conv + ReLU after each conv block's ReLU, by n2nsurgery."""
     model = _teacher_model(teacher)
     for after, name in DEEPEN_AT.items():
         model, _ = deepen(model, after, op="conv", kernel_size=3, name=name)
-    return _load(DigitsCNN(**HALF_WIDTHS, deeper=True), model)
+    return _load(DigitsCNN(**widths_of(teacher), deeper=True), model)
 
 
-def random_init(seed: int, deeper: bool = False) -> nn.Module:
-    """The wider (full-width) or deeper (half-width, deeper=True) architecture from scratch."""
+def random_init(seed: int, deeper: bool = False, widths: dict = None) -> nn.Module:
+    """The wider (full-width) or deeper (the teacher's widths, default half, deeper=True)
+    architecture from scratch."""
     torch.manual_seed(seed)
-    return DigitsCNN(**(HALF_WIDTHS if deeper else FULL_WIDTHS), deeper=deeper).eval()
+    return DigitsCNN(**(widths or (HALF_WIDTHS if deeper else FULL_WIDTHS)), deeper=deeper).eval()
 
 
 def check_starts_at_teacher(teacher: nn.Module, student: nn.Module, data: tuple, what: str) -> None:
@@ -307,9 +332,13 @@ def run_experiments(cfg: Config, log=print) -> dict:
     teacher, teacher_curve = train_teacher(data, cfg)
     teacher_acc, teacher_train_acc = accuracy(teacher, data[2], data[3]), accuracy(teacher, data[0], data[1])
     log(
-        f"teacher {HALF_WIDTHS}: val acc {teacher_acc:.4f}, train acc {teacher_train_acc:.4f} after {cfg.teacher_steps} steps "
+        f"teacher {cfg.teacher_widths} ({cfg.regime}): val acc {teacher_acc:.4f}, train acc {teacher_train_acc:.4f} after {cfg.teacher_steps} steps "
         f"(last evaluations: {', '.join(f'{a:.3f}' for a in teacher_curve[1][-4:])}; {time.perf_counter() - t0:.1f}s)"
     )
+    if cfg.regime == "underfit":
+        assert teacher_train_acc <= UNDERFIT_MAX_TRAIN_ACC, (
+            f"the underfit teacher {cfg.teacher_widths} reached train accuracy {teacher_train_acc:.4f} "
+            f"(> {UNDERFIT_MAX_TRAIN_ACC}): it fits its data; make TINY_WIDTHS smaller")
     student_lr, baseline_lrs = cfg.teacher_lr / 10, (cfg.teacher_lr / 10, cfg.teacher_lr)
 
     def make_net2net_wider(seed):
@@ -331,7 +360,7 @@ def run_experiments(cfg: Config, log=print) -> dict:
         },
         "deeper": {
             "net2net": (make_net2net_deeper, (student_lr,)),
-            "random_init": (lambda seed: random_init(300 + seed, deeper=True), baseline_lrs),
+            "random_init": (lambda seed: random_init(300 + seed, deeper=True, widths=cfg.teacher_widths), baseline_lrs),
             EXTRA: (make_net2net_deeper, (cfg.teacher_lr,)),
         },
     }
@@ -370,7 +399,8 @@ def summary(results: dict) -> dict:
                 "steps": list(steps),
                 "val_acc": [round(_mean(acc[i] for _, acc in m["curves"]), 6) for i in range(len(steps))],
             }
-        out[experiment] = {"teacher_val_acc": round(res["teacher_val_acc"], 6), "methods": methods}
+        out[experiment] = {"teacher_val_acc": round(res["teacher_val_acc"], 6),
+                           "teacher_train_acc": round(res["teacher_train_acc"], 6), "methods": methods}
     return out
 
 
@@ -459,17 +489,20 @@ def _atomic_write(path: Path, text: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and seeds (about a minute on 2 cores)")
-    parser.add_argument("--json", type=Path, help="write the results JSON here (default: benchmarks/results/convergence[-quick].json)")
-    parser.add_argument("--plots", type=Path, help="write wider[-quick].png and deeper[-quick].png here (default: benchmarks/results)")
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="plateau",
+                        help="plateau: the half-width teacher, which fits its training set (the default); underfit: a "
+                             "teacher too small to fit it (widths %s), the paper's regime" % (TINY_WIDTHS,))
+    parser.add_argument("--json", type=Path, help="write the results JSON here (default: benchmarks/results/convergence[-underfit][-quick].json)")
+    parser.add_argument("--plots", type=Path, help="write wider[-underfit][-quick].png and deeper[...].png here (default: benchmarks/results)")
     parser.add_argument("--seeds", type=int, help="override the number of student seeds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: these models are too small to gain from more)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(max(1, args.threads))
-    cfg = QUICK if args.quick else FULL
+    cfg = replace(QUICK if args.quick else FULL, regime=args.regime)
     if args.seeds is not None:
         cfg = replace(cfg, seeds=max(1, args.seeds))
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-underfit" if args.regime == "underfit" else "") + ("-quick" if args.quick else "")
     json_path = args.json or RESULTS / f"convergence{suffix}.json"
     plots_dir = args.plots or RESULTS
 

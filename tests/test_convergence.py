@@ -42,8 +42,8 @@ def test_json_has_the_documented_shape(bench, results):
     assert set(out["wider"]["methods"]) == {"net2net", "random_pad", "random_init"}
     assert set(out["deeper"]["methods"]) == {"net2net", "random_init"}
     for experiment in out.values():
-        assert set(experiment) == {"teacher_val_acc", "methods"}
-        assert isinstance(experiment["teacher_val_acc"], float)
+        assert set(experiment) == {"teacher_val_acc", "teacher_train_acc", "methods"}
+        assert isinstance(experiment["teacher_val_acc"], float) and isinstance(experiment["teacher_train_acc"], float)
         for curve in experiment["methods"].values():
             assert set(curve) == {"steps", "val_acc"}
             assert curve["steps"] == [0, 5, 10]
@@ -84,3 +84,19 @@ def test_plots_and_table(bench, results, tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
     table = bench.markdown_table(results)
     assert "| net2net | 0.01 |" in table and "random_pad" in table
+
+
+def test_the_underfit_regime_has_a_teacher_that_does_not_fit_its_data(bench):
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = bench.Config(**TINY, regime="underfit")
+    results = bench.run_experiments(cfg, log=lambda msg: None)  # asserts the teacher's train accuracy
+    for name, experiment in results.items():
+        assert experiment["teacher_train_acc"] <= bench.UNDERFIT_MAX_TRAIN_ACC
+        for _, acc in experiment["methods"]["net2net"]["curves"]:
+            assert abs(acc[0] - experiment["teacher_val_acc"]) <= 0.005, name
+    # the deeper student keeps the tiny teacher's widths; the wider one has the full widths
+    teacher, _ = bench.train_teacher(bench.load_digits_split(0.3), cfg)
+    assert bench.widths_of(bench.net2net_deeper(teacher)) == bench.TINY_WIDTHS
+    assert bench.widths_of(bench.net2net_wider(teacher, seed=0)) == bench.FULL_WIDTHS

@@ -189,3 +189,43 @@ def test_apply_a_recipe_to_a_folder_writes_a_folder(tmp_path, runner):
     assert_same_function(src, str(out))
     r = runner.invoke(app, ["verify", src, str(out)])  # follows the recipe's renumbering
     assert r.exit_code == 0, r.stderr
+
+
+def test_split_random_reaches_the_copied_units_and_stays_exact(tmp_path, runner):
+    """--split random: the MLP's and the heads' copies share their outgoing weights in random
+    proportions (so training can tell them apart); the residual stream is zero-padded as by
+    default; the student is still the teacher's function and differs from the default's."""
+    from safetensors.torch import load_file
+
+    src = save_hf(tmp_path / "teacher", "llama-gqa-untied")
+    sets = ["--set", "hidden_size=32", "--set", "num_key_value_heads=4", "--set", "intermediate_size=40"]
+    r = runner.invoke(app, ["grow", src, *sets, "--split", "random", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.stderr
+    steps = {s["field"]: s["step"]["widen"] for s in json.loads(r.stdout)["plan"]["steps"]}
+    assert "split" not in steps["hidden_size"]  # no copies there: zero-padded whatever --split says
+    assert steps["num_key_value_heads"]["split"] == steps["intermediate_size"]["split"] == "random"
+    r = runner.invoke(app, ["grow", src, *sets, "--dry-run", "--json"])  # the default plan is unchanged
+    assert all("split" not in s["step"]["widen"] for s in json.loads(r.stdout)["plan"]["steps"])
+
+    for name, extra in (("equal", []), ("random", ["--split", "random"])):
+        r = runner.invoke(app, ["grow", src, *sets, *extra, "-o", str(tmp_path / name)])
+        assert r.exit_code == 0, r.stderr
+        assert_same_function(src, str(tmp_path / name))
+    equal, rand = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("equal", "random"))
+    for key in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
+        assert equal[key].shape == rand[key].shape and not torch.equal(equal[key], rand[key]), key
+    assert torch.equal(equal["model.embed_tokens.weight"], rand["model.embed_tokens.weight"])
+
+
+def test_split_reaches_the_api(tmp_path):
+    from n2nsurgery.model import load_model
+
+    teacher = load_model(save_hf(tmp_path / "teacher", "llama-gqa-untied"))
+    plan = grow.plan_growth(teacher, {"intermediate_size": 40, "num_hidden_layers": 3}, split="random")
+    assert [s.step for s in plan.steps] == [
+        {"widen": {"layer": "model.layers.*.mlp.up_proj", "width": 40, "split": "random"}},
+        {"deepen": {"after": ["model.layers.1"], "block": "copy"}},
+    ]
+    student, results, _ = grow.run_plan(teacher, plan, seed=3)
+    assert all(r["verification"]["passed"] for r in results)
+    assert {g["split"] for g in results[0]["report"]["groups"]} == {"random"}

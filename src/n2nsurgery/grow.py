@@ -100,8 +100,19 @@ def target_from_config(cfg: Mapping, current_cfg: Mapping, source: str) -> dict:
 # ---------------------------------------------------------------------------------- planning
 
 
-def plan_growth(model, target: Mapping, block: str = "copy") -> GrowPlan:
+def plan_growth(model, target: Mapping, block: str = "copy", split: Optional[str] = None) -> GrowPlan:
     """The steps from `model` (read from a Hugging Face folder) to the sizes in `target`.
+
+    Args:
+        model: the teacher, read from a Hugging Face folder.
+        target: {config field: size} (see :func:`parse_sets`, :func:`target_from_config`).
+        block: new blocks are a ``copy`` of the block before (writers zero) or ``zero``.
+        split: how the copied units of the steps that copy units (the MLP's, the heads') share
+            their outgoing weights, as ``n2n widen --split``: None keeps each step's exact
+            default (equal shares); ``"random"`` splits them in random proportions that sum to
+            one (exact, and the copies no longer get identical gradients). The residual stream
+            and head_dim have no copies (their new units are zero-padded), so it does not apply
+            to them.
 
     Raises:
         N2NError: a field n2n cannot grow, a smaller or non-integer size, heads that do not
@@ -133,7 +144,7 @@ def plan_growth(model, target: Mapping, block: str = "copy") -> GrowPlan:
         if name == "num_attention_heads" and final["num_key_value_heads"] != current["num_key_value_heads"]:
             now[name] = _heads_after_kv_growth(current, final)
         if final[name] != now[name]:
-            steps.append(_step(model, family, name, now[name], final[name], block))
+            steps.append(_step(model, family, name, now[name], final[name], block, split))
             now[name] = final[name]
     return GrowPlan(family, current, dict(target), steps)
 
@@ -162,7 +173,11 @@ def _check_heads(family: str, final: dict) -> None:
                        f"{final['num_key_value_heads']} (each kv head serves a whole group of query heads)")
 
 
-def _step(model, family: str, name: str, old: int, new: int, block: str) -> GrowStep:
+# The fields whose growth copies units (MLP units, heads with their query groups): --split applies.
+_COPYING = ("intermediate_size", "n_inner", "num_key_value_heads", "num_attention_heads", "n_head")
+
+
+def _step(model, family: str, name: str, old: int, new: int, block: str, split: Optional[str] = None) -> GrowStep:
     gpt2 = family == "gpt2"
     attn = "transformer.h.*.attn" if gpt2 else "model.layers.*.self_attn"
     if name in ("num_hidden_layers", "n_layer"):
@@ -174,6 +189,8 @@ def _step(model, family: str, name: str, old: int, new: int, block: str) -> Grow
     else:
         option = {"num_attention_heads": "heads", "n_head": "heads", "num_key_value_heads": "kv_heads", "head_dim": "head_dim"}[name]
         step = {"widen": {"layer": attn, option: new}}
+    if split is not None and name in _COPYING:  # only when asked: a default plan stays as it was
+        step["widen"]["split"] = split
     why = _unavailable(family, name)
     return GrowStep(name, old, new, step, available=not why, why=why)
 
@@ -215,9 +232,9 @@ def run_step(model, step: GrowStep, seed: int = 0):
 def _runner(kind: str, args: dict):
     if kind == "deepen":
         return _run_deepen
-    if kind == "widen" and set(args) == {"layer", "width"}:
+    if kind == "widen" and {"layer", "width"} <= set(args) <= {"layer", "width", "split"}:
         return _run_widen
-    if kind == "widen" and len(set(args) & set(_HEAD_OPTIONS)) == 1:
+    if kind == "widen" and len(set(args) & set(_HEAD_OPTIONS)) == 1 and set(args) - set(_HEAD_OPTIONS) <= {"layer", "split"}:
         return _run_heads
     raise N2NError(f"a grow step {kind} {sorted(args)} is not available in this build")
 
@@ -228,8 +245,9 @@ _HEAD_OPTIONS = ("heads", "kv_heads", "head_dim")
 def _run_widen(model, args: dict, seed: int):
     from .widen import widen_many
 
-    # split=None: each group's exact default (the residual stream through a norm: zero or average)
-    student, report = widen_many(model, [args["layer"]], args["width"], seed=seed)
+    # no split: each group's exact default (the residual stream through a norm: zero or average)
+    options = {"split": args["split"]} if "split" in args else {}
+    student, report = widen_many(model, [args["layer"]], args["width"], seed=seed, **options)
     return student, report.to_dict(), None
 
 
@@ -246,7 +264,7 @@ def _run_heads(model, args: dict, seed: int):
         raise N2NError(f"no attention node matches {args['layer']!r}")
     reports = []
     for k, name in enumerate(names):
-        model, report = widen_attention(model, name, seed=group_seed(seed, k), **{option: args[option]})
+        model, report = widen_attention(model, name, seed=group_seed(seed, k), split=args.get("split"), **{option: args[option]})
         reports.append(report.to_dict())
     return model, {"layers": names, option: args[option], "groups": reports}, None
 

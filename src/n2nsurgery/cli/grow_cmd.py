@@ -11,6 +11,7 @@ from rich.table import Table
 from . import app
 from ..errors import N2NError
 from .common import escape  # rich's escape, and control characters in names made visible
+from .widen_cmd import Split
 from .common import (
     AllowNonfiniteOpt, AtolOpt, DeviceChoice, DeviceOpt, FormatOpt, JsonOpt, MaxShardSizeOpt, OutputOpt,
     OutputsOnlyOpt, OverwriteInputOpt, ProbesOpt, RtolOpt, SeedOpt, SeqLenOpt, VerifyOpt, check_json_target, command,
@@ -33,6 +34,7 @@ def grow_cmd(
     sets: Annotated[Optional[List[str]], typer.Option("--set", help="FIELD=VALUE, a config size to grow to (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim, num_hidden_layers; GPT-2: n_embd, n_inner, n_head, n_layer). Repeatable.", rich_help_panel=_TARGET, show_default=False, metavar="FIELD=VALUE")] = None,
     to: Annotated[Optional[str], typer.Option("--to", help="A target config.json: grow every size it names.", rich_help_panel=_TARGET, show_default=False, metavar="CONFIG")] = None,
     block: Annotated[BlockChoice, typer.Option("--block", help="New blocks: copy (of the block before, writers zero: LLaMA-Pro) or zero.", rich_help_panel=_TARGET)] = BlockChoice.copy,
+    split: Annotated[Optional[Split], typer.Option("--split", help="How copied MLP units and heads share their outgoing weights, as for widen: equal (the default) or random (random proportions summing to one: exact, and the copies stop getting identical gradients); zero and tile where widen allows them. The residual stream and head_dim are zero-padded whatever this says.", show_default=False, rich_help_panel=_TARGET)] = None,
     output: OutputOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = DeviceChoice.auto,
@@ -66,7 +68,7 @@ def grow_cmd(
     if to is not None:
         target.update(target_from_config(_read_json(to), teacher.hf.config, to))
     target.update(parse_sets(sets or []))
-    plan = plan_growth(teacher, target, block.value)
+    plan = plan_growth(teacher, target, block.value, None if split is None else split.value)
     for step in plan.steps:  # refused before the plan is shown: one line, exit 2
         if not step.available:
             raise N2NError(step.why)
