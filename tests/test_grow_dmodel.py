@@ -183,6 +183,62 @@ def test_zero_padding_keeps_new_coordinates_zero_and_rescales_gamma():
     assert student.arch.node("model.norm").resolved_attrs()["eps"] == pytest.approx(EPS * 32 / 48)
 
 
+READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+
+
+def _new_coordinate_grads(hf, ids, n: int, steps: int = 2) -> dict:
+    """The largest gradient on the new coordinates of each kind of tensor, over `steps` SGD steps
+    of the language-model loss: at step 0 only the writers' new rows can move (the readers' new
+    columns read zeros), from step 1 on the new coordinates carry values and everything can."""
+    best = {"writers' new rows": 0.0, "embedding's new columns": 0.0, "readers' new columns": 0.0}
+    opt = torch.optim.SGD(hf.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        hf(ids, labels=ids).loss.backward()
+        layers = hf.model.layers
+        for k, g in {
+            "writers' new rows": max(float(l.self_attn.o_proj.weight.grad[n:].abs().max()) for l in layers),
+            "embedding's new columns": float(hf.model.embed_tokens.weight.grad[:, n:].abs().max()),
+            "readers' new columns": max(float(l.get_submodule(r).weight.grad[:, n:].abs().max()) for l in layers for r in READERS),
+        }.items():
+            best[k] = max(best[k], g)
+        opt.step()
+    return best
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "llama-gqa-tied"])
+def test_zero_padding_draws_the_readers_new_columns_so_training_can_use_them(case):
+    """Zero readers' columns behind zero writers' rows are a saddle: every new coordinate gets
+    exactly zero gradient forever (benchmarks/grow_lm.py saw it). The readers read the norms'
+    new outputs, which are exactly 0, so their new columns are drawn at random (scaled like
+    their old ones), exactly, and two SGD steps reach every new coordinate."""
+    config_cls, model_cls, kwargs = LLAMA_FAMILY[case]
+    rel, report, student = _llama_rel(case, 48, "zero")
+    assert rel <= REL_TOL
+    for r in READERS:
+        w = student.tensors.get(f"model.layers.0.{r}.weight")
+        assert float(w[:, 32:].std()) == pytest.approx(float(w.std()), rel=0.5), r
+    emb = student.tensors.get("model.embed_tokens.weight")
+    assert not emb[:, 32:].any()  # the embedding writes the stream: its new columns stay 0 (tied head too)
+    big = _load_hf(config_cls, model_cls, _grown_config(kwargs, 48, 32 / 48), _student_tensors(student))
+    grads = _new_coordinate_grads(big, _ids(kwargs["vocab_size"]), 32)
+    assert all(g > 1e-6 for g in grads.values()), grads
+
+
+def test_control_zero_readers_columns_give_the_new_coordinates_no_gradient():
+    """The saddle itself: with the readers' new columns put back to 0, the same two SGD steps
+    give every new coordinate exactly zero gradient (what the tool used to write)."""
+    config_cls, model_cls, kwargs = LLAMA_FAMILY["llama-gqa-untied"]
+    _, _, student = _llama_rel("llama-gqa-untied", 48, "zero")
+    tensors = _student_tensors(student)
+    for key, w in tensors.items():
+        if any(f".{r}." in key for r in READERS) or key == "lm_head.weight":
+            w[:, 32:] = 0
+    big = _load_hf(config_cls, model_cls, _grown_config(kwargs, 48, 32 / 48), tensors)
+    grads = _new_coordinate_grads(big, _ids(kwargs["vocab_size"]), 32)
+    assert all(g == 0.0 for g in grads.values()), grads
+
+
 # ------------------------------------------------------------------------------ d_model: GPT-2
 
 

@@ -39,6 +39,10 @@ class Remap:
     def plain(self) -> bool:
         return self.scale_old == 1.0 and self.new_value is None and self.factor == 1.0 and self.map.fill in ("copy", "tile")
 
+    def free_columns(self) -> bool:
+        """A consumer's new columns that read values known to be 0: drawn at random."""
+        return self.kind == "cols" and self.map.free_new and bool(self.map.new.any())
+
 
 # How a recorded remap treats the original tensor along one dim:
 #   "rows": a producer's outgoing units — gather (zero or average new rows in those fill modes),
@@ -121,7 +125,7 @@ def _apply_filled(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key
     one remapped dim without noise, done a block of rows at a time (:func:`_apply_filled_blocks`)."""
     work = _work_dtype(tensor.dtype)
     if noise == 0 and len(dims) == 1 and tensor.dim() >= 1:
-        return _apply_filled_blocks(tensor, *next(iter(dims.items())), work)
+        return _apply_filled_blocks(tensor, *next(iter(dims.items())), work, seed, key)
     out = tensor.to(work)
     for dim in sorted(dims):
         r = dims[dim]
@@ -141,15 +145,43 @@ def _apply_filled(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key
         if r.factor != 1.0:
             out.mul_(r.factor)
     _scale_cols(out, dims, work)
+    for dim, r in sorted(dims.items()):
+        if r.free_columns():
+            gen, scale = _free_generator(seed, key), _spread(tensor, work)
+            new = r.map.new.nonzero().flatten()
+            shape = list(out.shape)
+            shape[dim] = new.numel()
+            out.index_copy_(dim, new, torch.randn(shape, generator=gen, dtype=work) * scale)
     _add_noise(out, tensor, dims, noise, seed, key, work)
     return out.to(tensor.dtype).contiguous()
+
+
+def _free_generator(seed: int, key: str) -> torch.Generator:
+    """One generator per tensor for its free columns, from the seed and the key (not the noise's)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(("free:" + key).encode())) % 2**64)
+
+
+def _spread(tensor: torch.Tensor, work: torch.dtype) -> float:
+    """The standard deviation of `tensor`'s entries (the scale of its free columns), a slice of
+    rows at a time: a whole float32 copy of a large half-precision head would double the peak."""
+    if tensor.numel() < 2:
+        return 0.0
+    flat = tensor.reshape(-1)
+    total, squares = 0.0, 0.0
+    for i in range(0, flat.numel(), _BLOCK_ELEMENTS):
+        x = flat[i : i + _BLOCK_ELEMENTS].to(torch.float64)
+        total += float(x.sum())
+        squares += float((x * x).sum())
+    n = flat.numel()
+    mean = total / n
+    return max(0.0, (squares - n * mean * mean) / (n - 1)) ** 0.5
 
 
 # Elements of the float32 working copy held at once by the block-wise remaps (8 MiB).
 _BLOCK_ELEMENTS = 2 << 20
 
 
-def _apply_filled_blocks(tensor: torch.Tensor, dim: int, r, work: torch.dtype) -> torch.Tensor:
+def _apply_filled_blocks(tensor: torch.Tensor, dim: int, r, work: torch.dtype, seed: int = 0, key: str = "") -> torch.Tensor:
     """:func:`_apply_filled` for one remapped dim, with the same float32 arithmetic per element
     (so the same bytes), a block of rows (dim 0) at a time: growing d_model touches every large
     tensor of a model (the embedding, the head), and a whole-tensor float32 copy of each, beside
@@ -158,6 +190,7 @@ def _apply_filled_blocks(tensor: torch.Tensor, dim: int, r, work: torch.dtype) -
     new = r.map.new
     mean = _mean_along(tensor, dim, work) if r.kind == "rows" and r.map.fill == "average" and bool(new.any()) else None
     share = r.map.share.to(work) if r.kind == "cols" else None
+    free = (_free_generator(seed, key), _spread(tensor, work)) if r.free_columns() else None
     rows = max(1, _BLOCK_ELEMENTS // max(1, out[0].numel()))
     for i in range(0, out.shape[0], rows):
         block = out[i : i + rows]
@@ -180,6 +213,10 @@ def _apply_filled_blocks(tensor: torch.Tensor, dim: int, r, work: torch.dtype) -
             view = [1] * x.dim()
             view[dim] = x.shape[dim]
             x.mul_(share[sel].reshape(view))
+        if free is not None and new_idx.numel():  # block by block from one generator: deterministic
+            shape = list(x.shape)
+            shape[dim] = new_idx.numel()
+            x.index_copy_(dim, new_idx, torch.randn(shape, generator=free[0], dtype=work) * free[1])
         block.copy_(x)
     return out
 

@@ -107,14 +107,15 @@ def _tile(ctx, node, m):
 
 def _widen_rescaled(ctx, node, m):
     """zero / average: the old features' γ × √(n/q) and eps × n/q undo the statistics' change; the
-    new features' outputs are 0 (β_new = 0), so the output's new units are zeros."""
+    new features' outputs are 0 (β_new = 0), so the output's new units are zeros, and the
+    readers' new columns are free (drawn at random, so training can open the new features)."""
     n, q = m.old_size, m.size
     if not ctx.has_param(node, "weight"):
         ctx.refuse(node, f"it has no weight to carry the √(n/q) rescale that --split {m.fill} needs; use --split tile (a width that is a multiple of {n})")
     ctx.remap(node, "weight", 0, m, "copy", scale_old=math.sqrt(n / q), new_value=NEW_GAMMA)
     ctx.remap(node, "bias", 0, m, "copy", new_value=0.0)
     ctx.set_attr(node, "eps", ctx.attrs(node)["eps"] * n / q)
-    ctx.assign(node.name, len(ctx.shape(node.name)) - 1, replace(m, fill="zero"))
+    ctx.assign(node.name, len(ctx.shape(node.name)) - 1, replace(m, fill="zero", free_new=True))
 
 
 def _rescale_rule(other: str):

@@ -48,6 +48,10 @@ class UnitMap:
     whether unit ``j`` is an added unit (noise goes there, never on an original unit). ``fill``:
     the mode the new units were made in (see :data:`FILL_MODES`); for ``zero`` and ``average``
     a producer's new rows are not gathers of ``src`` but zeros or the mean of the old rows.
+    ``free_new``: the new units' values are exactly 0 wherever this map reaches (a norm's new
+    outputs under zero-padding or averaging), so a consumer's new columns may hold anything:
+    they are drawn at random (:mod:`n2nsurgery.remap`), since zero columns reading zero values
+    behind zero writers' rows would give every one of them exactly zero gradient forever.
     """
 
     src: torch.Tensor  # int64 [new_size]
@@ -55,6 +59,7 @@ class UnitMap:
     new: torch.Tensor  # bool [new_size]
     old_size: int
     fill: str = "copy"
+    free_new: bool = False
 
     @property
     def size(self) -> int:
