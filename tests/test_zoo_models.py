@@ -50,16 +50,6 @@ class Imported:
     info: dict  # what `n2n inspect --json` says of the model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread for these convolutions: on a shared 2-core machine two threads
-    spin against the other load and a RegNet forward took 2.7 s instead of 7 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # VGG's classifier (120M weights) takes seconds to build: every VGG test is in the slow run.
 _MODELS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith("vgg") else n for n in sorted(ZOO)]
 
