@@ -17,19 +17,14 @@ and trained for a short budget), so a bigger student has something left to learn
 
   * ``n2n``: the teacher saved with ``save_pretrained``, grown by this project's
     ``plan_growth`` + ``run_plan`` (what ``n2n grow --set ...`` runs, verified step by step and
-    end to end) with every default: the residual stream zero-padded through the RMSNorms, KV
-    heads copied with their query groups, MLP units copied (equal shares), two new blocks that
-    copy their neighbour with zeroed writers (LLaMA-Pro);
+    end to end) with every default: the residual stream zero-padded through the RMSNorms (the
+    readers' new input columns drawn at random: exact, since they read the norms' zeros, and
+    it lets the new coordinates get gradient), KV heads copied with their query groups, MLP
+    units copied (equal shares), two new blocks that copy their neighbour with zeroed writers
+    (LLaMA-Pro);
   * ``n2n_random``: the same with ``--split random`` (copies share their outgoing weights in
     random proportions: exact, and the copies stop getting identical gradients);
   * ``scratch``: the student architecture from its random init;
-  * ``n2n_random_readers``: ``n2n_random``, then the new input columns of every reader of the
-    residual stream (q/k/v, gate/up, lm_head), which n2n's zero-padding leaves at 0, drawn at
-    random (std 0.02, the init's). Not a mode of the tool: an edit of its output, still exact
-    (the norms give exactly 0 in the new coordinates, whatever reads them). It is here because
-    with zero readers AND zero writers the new coordinates get exactly zero gradient, so the
-    first two students can never use their wider residual stream (``at_the_end`` in the JSON
-    shows it);
   * ``naive_copy``: the student's random init with the teacher's tensors pasted into the top-left
     corner of each (layer i into layer i; the new layers stay random): what people do by hand.
     It is not function-preserving;
@@ -87,8 +82,8 @@ STDLIB_FILES = (
 )
 VOCAB = 256  # bytes
 
-METHODS = ("n2n", "n2n_random", "n2n_random_readers", "scratch", "naive_copy", "scratch_long")
-GROWN = ("n2n", "n2n_random", "n2n_random_readers")  # function-preserving: step 0 is the teacher
+METHODS = ("n2n", "n2n_random", "scratch", "naive_copy", "scratch_long")
+GROWN = ("n2n", "n2n_random")  # function-preserving: step 0 is the teacher
 FROM_TEACHER = GROWN + ("naive_copy",)  # their compute starts at the teacher's
 
 
@@ -283,22 +278,6 @@ def grow_with_n2n(teacher, cfg: Config, seed: int, split=None):
     return student.eval(), config, [st.to_dict() for st in plan.steps]
 
 
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-
-
-def open_readers(student, old_hidden: int, seed: int, std: float = 0.02):
-    """Draw the residual readers' new input columns (0 after n2n's zero-padding) at random, in
-    place: exact, because every reader sees the stream through an RMSNorm whose outputs are 0
-    in the new coordinates; but now the writers' new rows (also 0) get a gradient."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = [layer.get_submodule(r).weight for layer in student.model.layers for r in READERS] + [student.lm_head.weight]
-    with torch.no_grad():
-        for w in weights:
-            assert not w[:, old_hidden:].any(), "expected n2n's zero-padded reader columns"
-            w[:, old_hidden:] = torch.randn(w.shape[0], w.shape[1] - old_hidden, generator=gen) * std
-    return student
-
-
 def naive_copy(teacher, student_config, seed: int):
     """The student's random init with each teacher tensor pasted into the top-left corner of the
     same-named student tensor (teacher layer i into student layer i; later layers stay random)."""
@@ -325,7 +304,8 @@ def check_starts_at_teacher(teacher, student, val: torch.Tensor, cfg: Config, wh
 
 def copies_left(student, cfg: Config) -> dict:
     """What training did with the new units, at the end: the largest |value| in the residual
-    stream's new coordinates (the embedding's new columns; zero-padded by n2n), and how many MLP
+    stream's new coordinates (the embedding's new columns; zero-padded by n2n, they move only if
+    the readers' new columns let gradient through), and how many MLP
     units (up_proj rows) and KV heads (k_proj row blocks) of layer 0 are still copies of an
     earlier one (within 1e-6 of its largest |weight|)."""
     sd = student.state_dict()
@@ -380,7 +360,6 @@ def run_experiment(cfg: Config, log=print) -> dict:
         makers = {
             "n2n": lambda: grow_with_n2n(teacher, cfg, seed)[0],
             "n2n_random": lambda: grow_with_n2n(teacher, cfg, seed, split="random")[0],
-            "n2n_random_readers": lambda: open_readers(grow_with_n2n(teacher, cfg, seed, split="random")[0], cfg.teacher.hidden, 200 + seed),
             "scratch": lambda: new_llama(arch, 100 + seed),
             "naive_copy": lambda: naive_copy(teacher, arch, 100 + seed),
             "scratch_long": lambda: new_llama(arch, 100 + seed),
@@ -514,7 +493,7 @@ def markdown_table(out: dict) -> str:
 # ---------------------------------------------------------------------------------- plots
 
 
-COLOURS = {"n2n": "tab:blue", "n2n_random": "tab:purple", "n2n_random_readers": "tab:red", "scratch": "tab:green", "naive_copy": "tab:orange", "scratch_long": "tab:olive"}
+COLOURS = {"n2n": "tab:blue", "n2n_random": "tab:purple", "scratch": "tab:green", "naive_copy": "tab:orange", "scratch_long": "tab:olive"}
 
 
 def plot(out: dict, folder: Path, suffix: str = "") -> list:

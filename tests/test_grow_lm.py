@@ -83,12 +83,12 @@ def test_json_has_the_curves_on_both_axes(bench, out, tiny):
 
 def test_what_training_did_with_the_new_units(out):
     """The default growth's copies stay copies (equal shares: identical gradients), --split random's
-    do not; zero-padded residual coordinates stay exactly 0 unless their readers are opened."""
-    end = {m: out["methods"][m]["at_the_end"][0] for m in ("n2n", "n2n_random", "n2n_random_readers")}
+    do not; the zero-padded residual coordinates move in both (the tool draws their readers' new
+    columns at random, so they get gradient; with zero readers they stayed exactly 0)."""
+    end = {m: out["methods"][m]["at_the_end"][0] for m in ("n2n", "n2n_random")}
     assert end["n2n"]["mlp_units_still_copies"] == 64 - 32 and end["n2n"]["kv_heads_still_copies"] == 1
     assert end["n2n_random"]["mlp_units_still_copies"] == 0 and end["n2n_random"]["kv_heads_still_copies"] == 0
-    assert end["n2n"]["residual_new_dims_max_abs"] == 0.0 and end["n2n_random"]["residual_new_dims_max_abs"] == 0.0
-    assert end["n2n_random_readers"]["residual_new_dims_max_abs"] > 0.0
+    assert end["n2n"]["residual_new_dims_max_abs"] > 0.0 and end["n2n_random"]["residual_new_dims_max_abs"] > 0.0
 
 
 def test_a_missing_corpus_file_stops_the_run_naming_it(bench, monkeypatch):
