@@ -69,6 +69,19 @@ def example_paths(name: str) -> tuple[str, str]:
     return str(RECIPES / f"{name}.safetensors"), str(RECIPES / f"{name}.yaml")
 
 
+def load_benchmark(filename: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package), for tests that run
+    a tiny configuration of it."""
+    import importlib.util
+
+    name = "n2n_bench_" + filename.removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
 def n2n_exe() -> str:
     """The installed `n2n` console script next to this interpreter (for real subprocesses)."""
     path = os.path.join(os.path.dirname(sys.executable), "n2n")

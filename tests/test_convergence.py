@@ -5,12 +5,11 @@ Skipped without scikit-learn (the ``bench`` extra); CI installs only ``.[test]``
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 pytest.importorskip("sklearn")
 
@@ -19,13 +18,9 @@ TINY = dict(seeds=1, teacher_steps=50, student_steps=10, eval_every=5)
 
 @pytest.fixture(scope="module")
 def bench():
-    name = "n2n_convergence_bench"
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "convergence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
+    module = load_benchmark("convergence.py")
     yield module
-    sys.modules.pop(name, None)
+    sys.modules.pop(module.__name__, None)
 
 
 @pytest.fixture(scope="module")

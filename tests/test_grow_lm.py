@@ -6,27 +6,22 @@ Skipped without transformers (the test and bench extras); the plots also need ma
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    name = "n2n_grow_lm_bench"
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "grow_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
+    module = load_benchmark("grow_lm.py")
     yield module
-    sys.modules.pop(name, None)
+    sys.modules.pop(module.__name__, None)
 
 
 @pytest.fixture(scope="module")
