@@ -23,6 +23,7 @@ from n2nsurgery.executor import run
 from n2nsurgery.inspect import describe
 from n2nsurgery.widen import widen
 
+from conftest import max_abs_diff
 from zoo_models import ZOO, at_widths, build
 
 # |Δ| relative to the teacher's largest output. float32 through 20-60 layers rounds to about
@@ -36,8 +37,8 @@ def _probes(side: int) -> torch.Tensor:
 
 
 def _relative(want: torch.Tensor, got: torch.Tensor) -> float:
-    assert got.shape == want.shape, f"shapes differ: {tuple(got.shape)} vs {tuple(want.shape)}"
-    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+    """max |Δ| (shapes checked) relative to the teacher's largest output."""
+    return max_abs_diff(got, want) / float(want.double().abs().max())
 
 
 @dataclass

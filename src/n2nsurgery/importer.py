@@ -294,8 +294,7 @@ FUNCTIONS: dict = {
 }
 
 # Integer arithmetic on sizes read off tensors (ShuffleNet's channels // groups).
-_INT_OPS: dict = {operator.floordiv: operator.floordiv, operator.mul: operator.mul, operator.add: operator.add,
-                  operator.sub: operator.sub}
+_INT_OPS = (operator.floordiv, operator.mul, operator.add, operator.sub)
 
 # Functions of libraries n2n does not import, by (module, name): torchvision wraps its
 # stochastic_depth for torch.fx, so it arrives as a call.
@@ -429,6 +428,9 @@ class _Builder:
         return self.emit(self.unique(node.name), op, inputs, attrs, params)
 
     def call_function(self, node) -> None:
+        if node.target is operator.getitem and node.args[0] in self.parts:
+            self._chunk_part(node)
+            return
         if self._size_arithmetic(node):
             return
         if node.target in (operator.mul, torch.mul) and any(a in self.tensors for a in node.args):
@@ -567,9 +569,6 @@ class _Builder:
         if f is getattr and len(args) == 2 and args[1] == "shape":
             self.ints[node] = self._sizes_of(args[0], "x.shape")
             return True
-        if f is operator.getitem and args[0] in self.parts:
-            self._chunk_part(node)
-            return True
         if f is operator.getitem and args[0] in self.ints:
             self.ints[node] = self.ints[args[0]][args[1]]
             return True
@@ -578,7 +577,7 @@ class _Builder:
             if any(v is BATCH for v in values) or not all(isinstance(v, int) for v in values):
                 raise N2NError(f"call {_call_name(f)} (node '{node.name}'): arithmetic on the batch size or on "
                                "a value that is not a size; n2n follows sizes only as constants of the example input")
-            self.ints[node] = _INT_OPS[f](*values)
+            self.ints[node] = f(*values)
             return True
         return False
 

@@ -105,8 +105,7 @@ def _add_noise(out, tensor, dims, noise, seed, key, work) -> None:
     from the seed and the key, so the noise does not depend on evaluation order."""
     if noise <= 0:
         return
-    # (mod 2**64: a generator takes at most 64 bits; small seeds derive what they always did)
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**64)
+    gen = _tensor_generator(seed, key)
     for dim, r in sorted(dims.items()):
         umap = r.map
         if r.kind == "rows" and bool(umap.new.any()) and out.dim() > 1:
@@ -147,18 +146,23 @@ def _apply_filled(tensor: torch.Tensor, dims: dict, noise: float, seed: int, key
     _scale_cols(out, dims, work)
     for dim, r in sorted(dims.items()):
         if r.free_columns():
-            gen, scale = _free_generator(seed, key), _spread(tensor, work)
-            new = r.map.new.nonzero().flatten()
-            shape = list(out.shape)
-            shape[dim] = new.numel()
-            out.index_copy_(dim, new, torch.randn(shape, generator=gen, dtype=work) * scale)
+            _draw_free(out, dim, r.map.new.nonzero().flatten(), _tensor_generator(seed, "free:" + key), _spread(tensor, work))
     _add_noise(out, tensor, dims, noise, seed, key, work)
     return out.to(tensor.dtype).contiguous()
 
 
-def _free_generator(seed: int, key: str) -> torch.Generator:
-    """One generator per tensor for its free columns, from the seed and the key (not the noise's)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(("free:" + key).encode())) % 2**64)
+def _tensor_generator(seed: int, key: str) -> torch.Generator:
+    """One generator per tensor (and purpose), from the seed and the key, so what is drawn does
+    not depend on evaluation order. (mod 2**64: a generator takes at most 64 bits; small seeds
+    derive what they always did.)"""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**64)
+
+
+def _draw_free(x: torch.Tensor, dim: int, idx: torch.Tensor, gen: torch.Generator, scale: float) -> None:
+    """Free columns `idx` of `x` along `dim` (they read zeros): normal, times the tensor's spread."""
+    shape = list(x.shape)
+    shape[dim] = idx.numel()
+    x.index_copy_(dim, idx, torch.randn(shape, generator=gen, dtype=x.dtype) * scale)
 
 
 def _spread(tensor: torch.Tensor, work: torch.dtype) -> float:
@@ -190,7 +194,7 @@ def _apply_filled_blocks(tensor: torch.Tensor, dim: int, r, work: torch.dtype, s
     new = r.map.new
     mean = _mean_along(tensor, dim, work) if r.kind == "rows" and r.map.fill == "average" and bool(new.any()) else None
     share = r.map.share.to(work) if r.kind == "cols" else None
-    free = (_free_generator(seed, key), _spread(tensor, work)) if r.free_columns() else None
+    free = (_tensor_generator(seed, "free:" + key), _spread(tensor, work)) if r.free_columns() else None
     rows = max(1, _BLOCK_ELEMENTS // max(1, out[0].numel()))
     for i in range(0, out.shape[0], rows):
         block = out[i : i + rows]
@@ -214,9 +218,7 @@ def _apply_filled_blocks(tensor: torch.Tensor, dim: int, r, work: torch.dtype, s
             view[dim] = x.shape[dim]
             x.mul_(share[sel].reshape(view))
         if free is not None and new_idx.numel():  # block by block from one generator: deterministic
-            shape = list(x.shape)
-            shape[dim] = new_idx.numel()
-            x.index_copy_(dim, new_idx, torch.randn(shape, generator=free[0], dtype=work) * free[1])
+            _draw_free(x, dim, new_idx, *free)
         block.copy_(x)
     return out
 
